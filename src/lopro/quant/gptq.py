@@ -20,7 +20,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     and the result is returned in the original column order with `g_idx` naming each column's group.
     """
     grid = Grid(bits, sym, mse)
-    W, H, _ = hessian.prepare(W, H, damp_percent)
+    W, H, _ = hessian.prepare(W, H, damp_percent, with_inverse=False)
     m, n = W.shape
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
@@ -37,7 +37,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
         for i in range(i2 - i1):
             col = i1 + i
             if col % g == 0:  # a new group starts: fit its grid on the error-updated weights
-                scale, zero = find_params(torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : g], grid)
+                seg = W1[:, i:i + g]
+                if seg.shape[1] < g and i2 < n:  # the group runs past this lazy block
+                    seg = torch.cat([seg, W[:, i2:i2 + g - seg.shape[1]]], dim=1)
+                scale, zero = find_params(seg, grid)
                 scales.append(scale)
                 zeros.append(zero)
             w, d = W1[:, i], Hinv1[i, i]

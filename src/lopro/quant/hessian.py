@@ -48,8 +48,8 @@ def inverse_cholesky(H: torch.Tensor, damp_percent: float = 0.01) -> torch.Tenso
         "check the calibration data (NaN/inf activations?) or raise --damp-percent")
 
 
-def prepare(W: torch.Tensor, H: torch.Tensor, damp_percent: float = 0.01):
-    """fp32 copies of W and H with dead columns zeroed, plus the inverse-Cholesky factor."""
+def prepare(W: torch.Tensor, H: torch.Tensor, damp_percent: float = 0.01, with_inverse: bool = True):
+    """fp32 copies of W and H with dead columns zeroed, plus the inverse-Cholesky factor (or None)."""
     W = W.detach().to(torch.float32).clone()
     H = H.detach().to(device=W.device, dtype=torch.float32).clone()
     if not torch.isfinite(H).all():
@@ -57,4 +57,4 @@ def prepare(W: torch.Tensor, H: torch.Tensor, damp_percent: float = 0.01):
     dead = dead_columns(H)
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    return W, H, inverse_cholesky(H, damp_percent)
+    return W, H, (inverse_cholesky(H, damp_percent) if with_inverse else None)

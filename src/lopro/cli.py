@@ -1,0 +1,156 @@
+"""Command line: `lopro quantize | eval | methods`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger("lopro")
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines that do not break the progress bars."""
+
+    def emit(self, record):
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("lopro")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    root.propagate = False
+
+
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    from .config import QuantConfig
+
+    d = QuantConfig()
+    p.add_argument("--method", default=d.method)
+    p.add_argument("--bits", type=int, default=d.bits)
+    p.add_argument("--group-size", type=int, default=d.group_size, help="-1 = per output channel")
+    p.add_argument("--sym", action="store_true")
+    p.add_argument("--desc-act", action="store_true", help="GPTQ act-order")
+    p.add_argument("--mse", action="store_true", help="clipping search for each group's grid")
+    p.add_argument("--damp-percent", type=float, default=d.damp_percent)
+    p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false")
+    p.add_argument("--propagate", choices=["quantized", "fp"], default=d.propagate,
+                   help="feed each block the quantized (default) or the fp model's activations")
+    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--rank-dtype", choices=["fp8", "fp16", "fp32"], default=d.rank_dtype)
+    p.add_argument("--lowrank-solver", choices=["r1svd", "svd"], default=d.lowrank_solver)
+    p.add_argument("--power-iters", type=int, default=d.power_iters)
+    p.add_argument("--block-identity", type=int, default=d.block_identity)
+    p.add_argument("--block-hadamard", type=int, default=d.block_hadamard)
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method-specific option (repeatable), e.g. --option hessian_dtype=fp64")
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
+def _parse_options(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--option expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def config_from_args(a):
+    from .config import QuantConfig
+
+    return QuantConfig(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, desc_act=a.desc_act,
+                       mse=a.mse, damp_percent=a.damp_percent, true_sequential=a.true_sequential,
+                       propagate=a.propagate, rank=a.rank, rank_dtype=a.rank_dtype,
+                       lowrank_solver=a.lowrank_solver, power_iters=a.power_iters,
+                       block_identity=a.block_identity, block_hadamard=a.block_hadamard,
+                       options=_parse_options(a.option), seed=a.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lopro", description="Post-training low-bit quantization of LLMs")
+    p.add_argument("-v", "--verbose", action="store_true", help="per-module log lines")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and write it to --out")
+    q.add_argument("--model", required=True, help="built-in name (smollm2-135m) or a local model folder")
+    _add_quant_args(q)
+    q.add_argument("--calib-data", default="wiki", help="wiki, news, or a .txt/.jsonl path")
+    q.add_argument("--nsamples", type=int, default=128)
+    q.add_argument("--seqlen", type=int, default=512)
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--stats-cache", default=None, help="folder to reuse fp statistics (with --propagate fp)")
+    q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    q.add_argument("--out", required=True)
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    q.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+    e = sub.add_parser("eval", help="perplexity of a model on a corpus")
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", default="wiki", help="wiki, news, or a .txt/.jsonl path")
+    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--windows", type=int, default=None, help="number of windows (default: all)")
+    e.add_argument("--bos", action="store_true", help="put BOS first in each window")
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--device", default=None)
+    e.add_argument("--json", action="store_true")
+
+    sub.add_parser("methods", help="list the registered methods")
+    return p
+
+
+def cmd_quantize(a) -> dict:
+    from .model.api import quantize_to_folder
+
+    cfg = config_from_args(a)
+    summary = quantize_to_folder(a.model, cfg, a.out, calib_data=a.calib_data, nsamples=a.nsamples,
+                                 seqlen=a.seqlen, batch_size=a.batch_size, device=a.device,
+                                 overwrite=a.overwrite, stats_cache=a.stats_cache)
+    log.warning("wrote %s: effective bits %.3f, %.1f s", a.out, summary["effective_bits"], summary["quant_seconds"])
+    return summary
+
+
+def cmd_eval(a) -> dict:
+    from .model.api import evaluate_ppl
+
+    res = evaluate_ppl(a.model, a.data, seqlen=a.seqlen, windows=a.windows, bos=a.bos,
+                       batch_size=a.batch_size, device=a.device)
+    log.warning("perplexity on %s (seqlen %d, %d tokens): %.3f", res["data"], res["seqlen"], res["tokens"],
+                res["ppl"])
+    return res
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    torch.set_grad_enabled(False)
+    try:
+        if args.command == "methods":
+            from .methods import available_methods
+
+            out = {"methods": available_methods()}
+            sys.stdout.write("\n".join(out["methods"]) + "\n")
+            return 0
+        out = {"quantize": cmd_quantize, "eval": cmd_eval}[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        log.error("%s", exc)
+        return 2
+    if getattr(args, "json", False):
+        sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
+    elif args.command == "eval":
+        sys.stdout.write(f"{out['data']} seqlen={out['seqlen']} ppl={out['ppl']:.4f}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

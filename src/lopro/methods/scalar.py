@@ -1,0 +1,24 @@
+"""Baselines without low rank: RTN and GPTQ."""
+from __future__ import annotations
+
+from ..quant.gptq import gptq_quantize
+from ..quant.rtn import rtn_quantize
+from . import register
+from .base import LayerResult
+
+
+def scalar_result(q) -> LayerResult:
+    return LayerResult(q.dequantize(), q.storage_bits(), parts={"quant": q})
+
+
+@register("rtn", needs_hessian=False)
+def rtn(W, stats, cfg) -> LayerResult:
+    q = rtn_quantize(W, cfg.bits, cfg.group_size, cfg.sym, cfg.mse)
+    return scalar_result(q)
+
+
+@register("gptq")
+def gptq(W, stats, cfg) -> LayerResult:
+    q = gptq_quantize(W, stats.H, cfg.bits, cfg.group_size, cfg.sym, cfg.mse, cfg.desc_act,
+                      cfg.damp_percent, cfg.blocksize)
+    return scalar_result(q)

@@ -1,0 +1,83 @@
+"""High-level jobs behind the CLI: quantize a named model into a folder, evaluate a model."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..config import QuantConfig
+from ..data.windows import calibration_windows, eval_windows, tokenize_split
+from .loading import default_device, load_model, resolve_model_path
+from .pipeline import quantize, validate
+
+log = logging.getLogger(__name__)
+
+
+def check_out_folder(out: str | Path, overwrite: bool) -> Path:
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    return out
+
+
+def write_folder_atomically(out: Path, write) -> None:
+    """Build the folder under a temporary name, then swap it in: never a half-written folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old = None
+    try:
+        write(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def quantize_to_folder(model_name: str, cfg: QuantConfig, out, *, calib_data="wiki", nsamples=128, seqlen=512,
+                       batch_size=8, device=None, overwrite=False, stats_cache=None) -> dict:
+    out = check_out_folder(out, overwrite)
+    resolve_model_path(model_name)  # fail fast on a bad name before loading anything
+    model, tok, _ = load_model(model_name, device="cpu")
+    validate(model, cfg)
+    tokens = tokenize_split(tok, calib_data, "calib")
+    calib = calibration_windows(tokens, nsamples, seqlen, cfg.seed)
+    dev = torch.device(device) if device else default_device()
+    model.to(dev)
+    model, report = quantize(model, cfg, calib, batch_size=batch_size, device=dev, stats_cache=stats_cache)
+    report.summary["model"] = model_name
+    report.summary["calib_data"] = calib_data
+
+    def write(folder: Path):
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        (folder / "report.json").write_text(json.dumps(report.to_dict(), indent=1, default=str))
+
+    write_folder_atomically(out, write)
+    return report.summary
+
+
+def evaluate_ppl(model_or_name, data="wiki", *, seqlen=512, windows=None, bos=False, batch_size=4, device=None,
+                 tokenizer=None) -> dict:
+    from ..eval.perplexity import perplexity
+
+    if isinstance(model_or_name, (str, Path)):
+        model, tokenizer, _ = load_model(str(model_or_name), device=device)
+    else:
+        model = model_or_name
+    tokens = tokenize_split(tokenizer, data, "eval")
+    bos_id = tokenizer.bos_token_id if bos else None
+    if bos and bos_id is None:
+        raise ValueError("--bos asked but the tokenizer has no BOS token")
+    res = perplexity(model, eval_windows(tokens, seqlen, windows, bos_id), batch_size=batch_size)
+    res.update({"data": data, "bos": bos, "split": "eval"})
+    return res

@@ -1,0 +1,88 @@
+"""Per-layer input statistics (Hessian H = 2/N X^T X and mean |x|) gathered with forward hooks."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..methods.base import LayerStats
+from .walk import StopForward
+
+
+class _Accumulator:
+    def __init__(self, n: int, dtype: torch.dtype, device):
+        self.xtx = torch.zeros(n, n, dtype=dtype, device=device)
+        self.abssum = torch.zeros(n, dtype=dtype, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.xtx.dtype)
+        self.xtx.addmm_(x.T, x)
+        self.abssum += x.abs().sum(0)
+        self.tokens += x.shape[0]
+
+    def finish(self) -> LayerStats:
+        N = max(self.tokens, 1)
+        return LayerStats(H=self.xtx * (2.0 / N), absmean=self.abssum / N, tokens=self.tokens)
+
+
+class StatsCollector:
+    """Hooks on a set of linears; layers fed the very same input tensor share one accumulator.
+
+    With `stop_after` set, the forward is cut short (StopForward) once all of those layers ran,
+    so that sequential sub-layer calibration does not pay for the rest of the block.
+    """
+
+    def __init__(self, linears: dict[str, nn.Linear], dtype=torch.float32, stop_after=None):
+        self.linears = linears
+        self.dtype = dtype
+        self.stop_after = set(stop_after or ())
+        self.acc: dict[str, _Accumulator] = {}
+        self.alias: dict[str, str] = {}
+        self.order: list[str] = []
+        self._batch_inputs: list[tuple[torch.Tensor, str]] = []
+        self._called: set[str] = set()
+        self._handles = []
+
+    def __enter__(self):
+        for name, mod in self.linears.items():
+            self._handles.append(mod.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._batch_inputs.clear()
+
+    def new_batch(self) -> None:
+        self._batch_inputs.clear()  # holding the inputs keeps their identity unique within a batch
+        self._called.clear()
+
+    def _hook(self, name: str):
+        def fn(_mod, args, _out):
+            x = args[0]
+            if name not in self.alias:
+                key = next((k for t, k in self._batch_inputs if t is x), name)
+                self.alias[name] = key
+                self.order.append(name)
+            key = self.alias[name]
+            if key == name:
+                if key not in self.acc:
+                    self.acc[key] = _Accumulator(x.shape[-1], self.dtype, x.device)
+                self.acc[key].add(x.detach())
+                self._batch_inputs.append((x, key))
+            self._called.add(name)
+            if self.stop_after and self.stop_after <= self._called:
+                raise StopForward
+        return fn
+
+    def groups(self) -> list[list[str]]:
+        """Layers in call order, grouped by shared input (e.g. q/k/v, gate/up)."""
+        out: dict[str, list[str]] = {}
+        for name in self.order:
+            out.setdefault(self.alias[name], []).append(name)
+        return list(out.values())
+
+    def finish(self) -> dict[str, LayerStats]:
+        done = {key: acc.finish() for key, acc in self.acc.items()}
+        return {name: done[key] for name, key in self.alias.items()}

@@ -1,0 +1,44 @@
+"""Resolve a model name or folder and load it with its tokenizer."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..data.assets import BUILTIN_MODELS, resolve_builtin_model
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFoundError(ValueError):
+    pass
+
+
+def resolve_model_path(name_or_dir: str) -> Path:
+    if name_or_dir in BUILTIN_MODELS:
+        return resolve_builtin_model(name_or_dir)
+    path = Path(name_or_dir)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(f"{path} is a folder but not a model: it has no config.json "
+                                     "(expected a Hugging Face model folder saved with save_pretrained)")
+        return path
+    raise ModelNotFoundError(f"unknown model {name_or_dir!r}: use a built-in name "
+                             f"({', '.join(BUILTIN_MODELS)}) or a local Hugging Face model folder")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(name_or_dir: str, dtype: torch.dtype = torch.float32, device=None):
+    """(model, tokenizer, path). Quantized lopro checkpoints load through the same call."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.eval()
+    model.to(device or default_device())
+    return model, tokenizer, path

@@ -1,0 +1,219 @@
+"""The quantization pipeline: capture the first block's inputs, then quantize block by block.
+
+Only one block's activations live on the compute device at a time; the rest wait on the CPU.
+Each block's outputs (from the *quantized* block by default) feed the next block.
+"""
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import QuantConfig
+from ..methods import NEEDS_HESSIAN, get_method
+from ..methods.base import LayerResult, LayerStats
+from .calibrate import StatsCollector
+from .walk import StopForward, block_output, capture_block_inputs, check_finite, find_blocks, find_linears, to_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantReport:
+    config: dict
+    layers: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"config": self.config, "summary": self.summary, "layers": self.layers}
+
+
+def proxy_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
+    """tr(dW H dW^T) and the relative output error sqrt(that / tr(W H W^T))."""
+    W, W_hat, H = W.double(), W_hat.double(), H.to(W.device).double()
+    dW = W_hat - W
+    loss = torch.sum((dW @ H) * dW).item()
+    ref = torch.sum((W @ H) * W).item()
+    return loss, (loss / ref) ** 0.5 if ref > 0 else float("nan")
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # process peak RSS
+
+
+def validate(model, config: QuantConfig) -> None:
+    """Every check that can fail, before anything is computed or written."""
+    config.validate()
+    check_finite(model)
+    _, blocks = find_blocks(model)
+    for i, block in enumerate(blocks):
+        for name, lin in find_linears(block).items():
+            config.check_width(lin.in_features, f"block {i} {name}")
+
+
+def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, batch_size: int = 8,
+             device=None, on_layer=None, stats_cache: str | Path | None = None,
+             progress: bool = True) -> tuple[torch.nn.Module, QuantReport]:
+    """Quantize `model` in place with `config.method`; returns (model, report).
+
+    calibration: [nsamples, seqlen] token ids (may be None only for methods without a Hessian).
+    on_layer(block_index, name, module, result): what to do with each result; default replaces the
+    weight by the dequantized one (fake quantization).
+    stats_cache: with propagate="fp", a folder where the fp model's statistics are reused across runs.
+    """
+    validate(model, config)
+    method = get_method(config.method)
+    if calibration is None and NEEDS_HESSIAN[config.method]:
+        raise ValueError(f"method {config.method!r} needs calibration data")
+    model_device = next(model.parameters()).device
+    device = torch.device(device) if device is not None else model_device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    on_layer = on_layer or _replace_weight
+    _, blocks = find_blocks(model)
+    report = QuantReport(config.to_dict())
+    t_start = time.perf_counter()
+
+    inputs = None
+    cache = _StatsCache(stats_cache) if stats_cache and config.propagate == "fp" else None
+    if calibration is not None and not (cache and cache.complete(len(blocks))):
+        batches = calibration.split(batch_size)
+        inputs = capture_block_inputs(model, blocks[0], batches)
+
+    bar = tqdm(list(enumerate(blocks)), desc=f"{config.method} W{config.bits}", disable=not progress, unit="block")
+    for i, block in bar:
+        home = next(block.parameters()).device
+        block.to(device)
+        linears = find_linears(block)
+        if calibration is None:
+            stats, groups = {}, [[n] for n in linears]
+        elif cache and cache.complete(len(blocks)):
+            stats, groups = cache.load(i)
+        else:
+            stats, groups, inputs = _calibrate_block(block, linears, inputs, device, config, method, on_layer, i,
+                                                     report)
+            if cache:
+                cache.save(i, stats, groups, last=i == len(blocks) - 1)
+        done = {r["name"] for r in report.layers if r["block"] == i}  # true-sequential quantizes while calibrating
+        for name in (n for group in groups for n in group if n not in done):
+            _quantize_layer(i, name, linears[name], stats.get(name), config, method, on_layer, report)
+        if inputs is not None and config.propagate == "quantized":
+            inputs = _forward(block, inputs, device)
+        block.to(home)
+        bar.set_postfix(bits=f"{_mean_bits(report):.3f}")
+    report.summary = _summarise(report, time.perf_counter() - t_start, device, calibration)
+    return model, report
+
+
+def _calibrate_block(block, linears, inputs, device, config, method, on_layer, i, report):
+    """Statistics for every linear of one block; in true-sequential mode, quantizes group by group.
+
+    Returns (stats, groups, next_inputs) where next_inputs are the fp outputs when propagate="fp"
+    (computed in the same pass) and the unchanged inputs otherwise.
+    """
+    dtype = torch.float64 if config.options.get("hessian_dtype") == "fp64" else torch.float32
+    if config.propagate == "fp" or not config.true_sequential:
+        stats, groups, outputs = _collect(block, linears, inputs, device, dtype, keep_outputs=config.propagate == "fp")
+        return stats, groups, outputs if config.propagate == "fp" else inputs
+    # discover call order and shared inputs on the first batch only
+    _, groups, _ = _collect(block, linears, inputs[:1], device, dtype)
+    stats: dict[str, LayerStats] = {}
+    for group in groups:
+        members = {n: linears[n] for n in group}
+        got, _, _ = _collect(block, members, inputs, device, dtype, stop_after=group)
+        stats.update(got)
+        for name in group:
+            _quantize_layer(i, name, linears[name], stats[name], config, method, on_layer, report)
+    return stats, groups, inputs
+
+
+def _collect(block, linears, inputs, device, dtype, stop_after=None, keep_outputs=False):
+    outputs = [] if keep_outputs else None
+    with torch.no_grad(), StatsCollector(linears, dtype, stop_after) as col:
+        for hidden, kwargs in inputs:
+            col.new_batch()
+            try:
+                out = block(hidden.to(device), **to_device(kwargs, device))
+                if keep_outputs:
+                    outputs.append((block_output(out).cpu(), kwargs))
+            except StopForward:
+                pass
+    return col.finish(), col.groups(), outputs
+
+
+def _forward(block, inputs, device):
+    with torch.no_grad():
+        return [(block_output(block(h.to(device), **to_device(kw, device))).cpu(), kw) for h, kw in inputs]
+
+
+def _quantize_layer(i, name, module, stats, config, method, on_layer, report) -> None:
+    W = module.weight.detach().float()
+    t0 = time.perf_counter()
+    result: LayerResult = method(W, stats, config)
+    seconds = time.perf_counter() - t0
+    if not torch.isfinite(result.weight).all():
+        raise FloatingPointError(f"block {i} {name}: {config.method} produced NaN/inf weights")
+    loss, rel = proxy_loss(W, result.weight, stats.H) if stats is not None else (float("nan"), float("nan"))
+    row = {"block": i, "name": name, "shape": list(W.shape), "effective_bits": result.effective_bits(),
+           "proxy_loss": loss, "rel_output_error": rel, "seconds": seconds,
+           "tokens": stats.tokens if stats is not None else 0, **result.info}
+    report.layers.append(row)
+    log.info("block %d %-24s bits=%.3f loss=%.4g rel_err=%.4f %.2fs", i, name, row["effective_bits"], loss, rel,
+             seconds)
+    on_layer(i, name, module, result)
+
+
+def _replace_weight(_i, _name, module, result: LayerResult) -> None:
+    module.weight.data.copy_(result.weight.to(module.weight.dtype))
+
+
+def _mean_bits(report: QuantReport) -> float:
+    num = sum(r["effective_bits"] * r["shape"][0] * r["shape"][1] for r in report.layers)
+    den = sum(r["shape"][0] * r["shape"][1] for r in report.layers)
+    return num / den if den else float("nan")
+
+
+def _summarise(report, seconds, device, calibration) -> dict:
+    from ..data.windows import fingerprint
+
+    return {
+        "method": report.config["method"], "bits": report.config["bits"],
+        "group_size": report.config["group_size"], "effective_bits": _mean_bits(report),
+        "layers": len(report.layers),
+        "quantized_params": sum(r["shape"][0] * r["shape"][1] for r in report.layers),
+        "quant_seconds": seconds, "solve_seconds": sum(r["seconds"] for r in report.layers),
+        "peak_memory_bytes": peak_memory_bytes(device), "device": str(device),
+        "calibration": None if calibration is None else {
+            "nsamples": calibration.shape[0], "seqlen": calibration.shape[1],
+            "sha256": fingerprint(calibration)},
+    }
+
+
+class _StatsCache:
+    """fp-model statistics per block on disk, reusable by every method on the same calibration."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def complete(self, nblocks: int) -> bool:
+        return (self.folder / "complete").exists() and len(list(self.folder.glob("block_*.pt"))) == nblocks
+
+    def load(self, i):
+        d = torch.load(self.folder / f"block_{i:03d}.pt", weights_only=False)
+        return {k: LayerStats(**v) for k, v in d["stats"].items()}, d["groups"]
+
+    def save(self, i, stats, groups, last: bool):
+        path = self.folder / f"block_{i:03d}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save({"stats": {k: vars(v) for k, v in stats.items()}, "groups": groups}, tmp)
+        tmp.replace(path)
+        if last:
+            (self.folder / "complete").write_text("ok")
