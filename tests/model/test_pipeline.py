@@ -1,0 +1,120 @@
+"""The model walk and pipeline on a tiny random Llama built in code."""
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from lopro import QuantConfig, quantize
+from lopro.methods import get_method
+from lopro.model.calibrate import StatsCollector
+from lopro.model.walk import capture_block_inputs, find_blocks, find_linears
+
+
+def calib(n=4, L=16, vocab=128, seed=0):
+    return torch.randint(0, vocab, (n, L), generator=torch.Generator().manual_seed(seed))
+
+
+def test_structure_discovery():
+    model = tiny_llama()
+    name, blocks = find_blocks(model)
+    assert name == "model.layers" and len(blocks) == 2
+    assert sorted(find_linears(blocks[0])) == sorted(
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])
+
+
+def test_shared_inputs_are_grouped_in_call_order():
+    model = tiny_llama()
+    _, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks[0], calib().split(2))
+    with torch.no_grad(), StatsCollector(find_linears(blocks[0])) as col:
+        for h, kw in inputs:
+            col.new_batch()
+            blocks[0](h, **kw)
+    groups = col.groups()
+    assert [sorted(g) for g in groups] == [
+        ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    stats = col.finish()
+    assert stats["self_attn.q_proj"] is stats["self_attn.k_proj"]
+    assert stats["mlp.down_proj"].H.shape == (96, 96) and stats["mlp.down_proj"].tokens == 4 * 16
+
+
+def reference_quantize(model, cfg, ids):
+    """Per-layer quantization written out by hand: block by block, layer by layer, exact Hessians."""
+    _, blocks = find_blocks(model)
+    method = get_method(cfg.method)
+    hidden = capture_block_inputs(model, blocks[0], [ids])
+    h, kw = hidden[0]
+    for block in blocks:
+        for group in (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                      ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]):
+            seen = {}
+
+            def keep(mod, args, out, seen=seen):
+                seen[mod] = args[0].reshape(-1, args[0].shape[-1]).clone()
+
+            hooks = [block.get_submodule(n).register_forward_hook(keep) for n in group]
+            with torch.no_grad():
+                block(h, **kw)
+            for hk in hooks:
+                hk.remove()
+            for n in group:
+                X = seen[block.get_submodule(n)]
+                from lopro.methods.base import LayerStats
+                st = LayerStats(2 * X.T @ X / X.shape[0], X.abs().mean(0), X.shape[0])
+                lin = block.get_submodule(n)
+                lin.weight.data = method(lin.weight.data.float(), st, cfg).weight
+        with torch.no_grad():
+            h = block(h, **kw)
+            h = h[0] if isinstance(h, tuple) else h
+    return model
+
+
+@pytest.mark.parametrize("method", ["gptq", "lopro"])
+def test_pipeline_equals_per_layer_reference(method):
+    model = tiny_llama()
+    ids = calib()
+    cfg = QuantConfig(method=method, bits=3, group_size=16, rank=4, block_identity=16, block_hadamard=16)
+    ref = reference_quantize(copy.deepcopy(model), cfg, ids)
+    got, report = quantize(model, cfg, ids, batch_size=4, progress=False)
+    for (n, p), (_, q) in zip(got.named_parameters(), ref.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-5, rtol=1e-4), n
+    assert len(report.layers) == 14 and report.summary["effective_bits"] > 3
+    assert all(r["rel_output_error"] < 1 for r in report.layers)
+
+
+def test_quantized_outputs_feed_next_block():
+    """With propagate='fp' the second block sees fp activations, so its result differs."""
+    ids = calib()
+    cfg_q = QuantConfig(method="gptq", bits=2, group_size=16)
+    cfg_f = QuantConfig(method="gptq", bits=2, group_size=16, propagate="fp")
+    a, _ = quantize(tiny_llama(), cfg_q, ids, progress=False)
+    b, _ = quantize(tiny_llama(), cfg_f, ids, progress=False)
+    la, lb = (find_blocks(m)[1] for m in (a, b))
+    assert torch.equal(la[0].self_attn.q_proj.weight, lb[0].self_attn.q_proj.weight)
+    assert not torch.equal(la[1].self_attn.q_proj.weight, lb[1].self_attn.q_proj.weight)
+
+
+def test_stats_cache_reuses_fp_statistics(tmp_path):
+    ids = calib()
+    cfg = QuantConfig(method="gptq", bits=3, group_size=16, propagate="fp")
+    a, ra = quantize(tiny_llama(), cfg, ids, stats_cache=tmp_path, progress=False)
+    assert (tmp_path / "complete").exists()
+    b, rb = quantize(tiny_llama(), cfg, ids, stats_cache=tmp_path, progress=False)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_bad_inputs_fail_before_work():
+    with pytest.raises(ValueError, match="bits"):
+        QuantConfig(bits=9)
+    with pytest.raises(ValueError, match="unknown method"):
+        QuantConfig(method="nope")
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="group_size 128 is larger"):
+        quantize(model, QuantConfig(group_size=128), calib(), progress=False)
+    model.model.layers[1].mlp.down_proj.weight.data[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="down_proj.weight contains NaN"):
+        quantize(model, QuantConfig(group_size=16), calib(), progress=False)
