@@ -105,6 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None)
     e.add_argument("--json", action="store_true")
 
+    c = sub.add_parser("compare", help="quantize and evaluate a grid of methods x bits; cached per entry")
+    c.add_argument("--model", default="smollm2-135m")
+    c.add_argument("--methods", default="fp,rtn,gptq,lopro", help="comma list of methods, 'fp' = unquantized")
+    c.add_argument("--bits", default="2,3", help="comma list")
+    c.add_argument("--group-size", type=int, default=64)
+    c.add_argument("--rank", default="16", help="an integer, or 'auto' for per-layer ranks (R1-FLR)")
+    c.add_argument("--rank-dtype", choices=["fp8", "fp16", "fp32"], default="fp8")
+    c.add_argument("--data", default="wiki,news", help="evaluation corpora, comma list")
+    c.add_argument("--tasks", default="", help="zero-shot tasks, comma list (piqa,arc_easy,...)")
+    c.add_argument("--limit", type=int, default=None, help="examples per task (seeded subset)")
+    c.add_argument("--calib-data", default="wiki")
+    c.add_argument("--nsamples", type=int, default=128)
+    c.add_argument("--seqlen", type=int, default=512)
+    c.add_argument("--windows", type=int, default=32, help="evaluation windows per corpus")
+    c.add_argument("--propagate", choices=["fp", "quantized"], default="fp",
+                   help="fp: share the fp model's statistics across all entries (fast); quantized: GPTQ-style")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default=None)
+    c.add_argument("--out", default="compare-results")
+
+    sub.add_parser("demo", help="LoPRo W2 beside GPTQ W2 and FP on the built-in SmolLM2 (small calibration)")
     sub.add_parser("methods", help="list the registered methods")
     return p
 
@@ -130,6 +151,44 @@ def cmd_eval(a) -> dict:
     return res
 
 
+def _grid_from_args(a):
+    from .compare import FP, Grid
+    from .config import QuantConfig
+
+    configs = []
+    for method in a.methods.split(","):
+        if method == FP:
+            configs.append(FP)
+            continue
+        for bits in (int(b) for b in a.bits.split(",")):
+            options = {"rank_mode": "auto"} if a.rank == "auto" else {}
+            configs.append(QuantConfig(method=method, bits=bits, group_size=a.group_size,
+                                       rank=16 if a.rank == "auto" else int(a.rank), rank_dtype=a.rank_dtype,
+                                       seed=a.seed, options=options))
+    return Grid(model=a.model, configs=configs, calib_data=a.calib_data, nsamples=a.nsamples, seqlen=a.seqlen,
+                seed=a.seed, eval_data=tuple(a.data.split(",")), eval_windows=a.windows,
+                tasks=tuple(t for t in a.tasks.split(",") if t), task_limit=a.limit, device=a.device)
+
+
+def cmd_compare(a) -> dict:
+    from .compare import markdown_table, run_grid
+
+    grid = _grid_from_args(a)
+    results = run_grid(grid, a.out, propagate=a.propagate)
+    sys.stdout.write(markdown_table(results, grid))
+    return {"out": a.out, "entries": len(results)}
+
+
+def cmd_demo(_a) -> dict:
+    from .data.assets import cache_dir
+
+    a = build_parser().parse_args(["compare", "--methods", "fp,gptq,lopro", "--bits", "2", "--nsamples", "32",
+                                   "--windows", "16", "--out", str(cache_dir() / "demo")])
+    log.warning("demo: LoPRo W2 g64 rank 16 vs GPTQ W2 g64 vs FP on smollm2-135m (32 x 512 calibration); "
+                "cached in %s", a.out)
+    return cmd_compare(a)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
@@ -141,7 +200,8 @@ def main(argv=None) -> int:
             out = {"methods": available_methods()}
             sys.stdout.write("\n".join(out["methods"]) + "\n")
             return 0
-        out = {"quantize": cmd_quantize, "eval": cmd_eval}[args.command](args)
+        out = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare,
+               "demo": cmd_demo}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
         log.error("%s", exc)
         return 2

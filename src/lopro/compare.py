@@ -1,0 +1,208 @@
+"""Side-by-side comparisons: quantize a grid of configurations, evaluate each, cache every entry.
+
+Each entry is keyed by (model, method config, calibration fingerprint, evaluation settings, library
+version), so an interrupted or extended run computes only what is missing; a failure is recorded
+apart and never overwrites a finished entry.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import QuantConfig
+from .data.assets import cache_dir
+from .data.windows import calibration_windows, eval_windows, fingerprint, tokenize_split
+from .model.loading import load_model
+from .model.pipeline import quantize
+
+log = logging.getLogger(__name__)
+
+FP = "fp"
+
+
+@dataclass
+class Grid:
+    model: str = "smollm2-135m"
+    configs: list = field(default_factory=list)  # QuantConfig, or the string "fp" for the unquantized model
+    calib_data: str = "wiki"
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    eval_data: tuple[str, ...] = ("wiki", "news")
+    eval_seqlen: int = 512
+    eval_windows: int | None = 32
+    tasks: tuple[str, ...] = ()
+    task_limit: int | None = None
+    batch_size: int = 8
+    device: str | None = None
+
+
+def entry_key(grid: Grid, cfg: dict, calib_sha: str) -> str:
+    payload = {"model": grid.model, "config": cfg, "calib": calib_sha if cfg["method"] != FP else None,
+               "eval": [grid.eval_data, grid.eval_seqlen, grid.eval_windows, grid.tasks, grid.task_limit,
+                        grid.seed], "version": __version__}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+class ResultStore:
+    """results.json with {key: entry}; rewritten atomically after every entry."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / "results.json"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"entries": {}, "failures": {}}
+
+    def done(self, key: str) -> bool:
+        return key in self.data["entries"]
+
+    def put(self, key: str, entry: dict) -> None:
+        self.data["entries"][key] = entry
+        self.data["failures"].pop(key, None)
+        self._write()
+
+    def fail(self, key: str, label: str, error: str) -> None:
+        self.data["failures"][key] = {"label": label, "error": error}
+        self._write()
+
+    def _write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str))
+        os.replace(tmp, self.path)
+
+
+def label_of(cfg: dict) -> str:
+    if cfg["method"] == FP:
+        return "fp"
+    g = "pc" if cfg["group_size"] == -1 else f"g{cfg['group_size']}"
+    s = f"{cfg['method']} W{cfg['bits']} {g}"
+    if cfg.get("rank") and cfg["method"] not in ("rtn", "gptq", "gptvq"):
+        s += f" r{cfg['options'].get('rank_mode', cfg['rank'])}"
+    return s
+
+
+def run_grid(grid: Grid, out_dir: str | Path, propagate: str = "fp", progress: bool = True) -> list[dict]:
+    """Evaluate every configuration of `grid`; returns the entries in grid order."""
+    out_dir = Path(out_dir)
+    store = ResultStore(out_dir)
+    model, tok, path = load_model(grid.model, device="cpu")
+    del model
+    calib = calibration_windows(tokenize_split(tok, grid.calib_data, "calib"), grid.nsamples, grid.seqlen, grid.seed)
+    calib_sha = fingerprint(calib)
+    evals = {d: eval_windows(tokenize_split(tok, d, "eval"), grid.eval_seqlen, grid.eval_windows)
+             for d in grid.eval_data}
+    stats_dir = cache_dir() / "stats" / f"{Path(path).name}-{calib_sha[:16]}"
+    todo = []
+    for cfg in grid.configs:
+        d = {"method": FP} if cfg == FP else {**cfg.to_dict(), "propagate": propagate}
+        todo.append((entry_key(grid, d, calib_sha), d))
+    results = []
+    bar = tqdm(todo, desc="compare", disable=not progress, unit="config")
+    for key, d in bar:
+        label = label_of(d)
+        bar.set_postfix_str(label)
+        if not store.done(key):
+            try:
+                store.put(key, _run_one(grid, d, label, calib, evals, stats_dir, tok))
+            except Exception as exc:  # keep going; the failure is summarised at the end
+                log.exception("%s failed", label)
+                store.fail(key, label, f"{type(exc).__name__}: {exc}")
+        if store.done(key):
+            results.append(store.data["entries"][key])
+    failures = [f for k, f in store.data["failures"].items() if k in dict(todo)]
+    for f in failures:
+        log.error("FAILED %s: %s", f["label"], f["error"])
+    write_table(results, grid, out_dir)
+    return results
+
+
+def _run_one(grid: Grid, d: dict, label: str, calib, evals, stats_dir, tok) -> dict:
+    from .eval.perplexity import perplexity
+
+    device = torch.device(grid.device) if grid.device else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    model, _, _ = load_model(grid.model, device=device)
+    entry = {"label": label, "config": d, "model": grid.model}
+    if d["method"] == FP:
+        entry.update(effective_bits=16.0, quant_seconds=0.0, peak_memory_bytes=None)
+    else:
+        cfg = QuantConfig.from_dict(d)
+        t0 = time.perf_counter()
+        _, report = quantize(model, cfg, calib, batch_size=grid.batch_size, device=device,
+                             stats_cache=stats_dir if cfg.propagate == "fp" else None, progress=False)
+        s = report.summary
+        entry.update(effective_bits=s["effective_bits"], quant_seconds=time.perf_counter() - t0,
+                     solve_seconds=s["solve_seconds"], peak_memory_bytes=s["peak_memory_bytes"],
+                     calibration=s["calibration"], ranks=[r.get("rank") for r in report.layers])
+    entry["ppl"] = {name: perplexity(model, w, batch_size=grid.batch_size)["ppl"] for name, w in evals.items()}
+    entry["eval"] = {"seqlen": grid.eval_seqlen, "windows": {n: w.shape[0] for n, w in evals.items()}}
+    if grid.tasks:
+        from .eval.zeroshot import evaluate_tasks
+
+        zs = evaluate_tasks(model, tok, list(grid.tasks), limit=grid.task_limit, seed=grid.seed,
+                            batch_size=grid.batch_size)
+        entry["zeroshot"] = zs
+    log.info("%s: bits %.3f ppl %s", label, entry["effective_bits"], entry["ppl"])
+    return entry
+
+
+def markdown_table(results: list[dict], grid: Grid) -> str:
+    corpora = list(grid.eval_data)
+    tasks = list(grid.tasks)
+    head = ["method", "bits", "eff. bits"] + [f"ppl {c}" for c in corpora] + [f"{t} acc" for t in tasks]
+    head += (["avg acc"] if tasks else []) + ["quant s", "peak GiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        cfg = r["config"]
+        row = [r["label"], "16" if cfg["method"] == FP else str(cfg["bits"]), f"{r['effective_bits']:.3f}"]
+        row += [f"{r['ppl'][c]:.2f}" for c in corpora]
+        if tasks:
+            zs = r.get("zeroshot", {})
+            row += [f"{100 * zs[t]['acc']:.1f}" if t in zs else "-" for t in tasks]
+            row += [f"{100 * zs['average']:.1f}" if "average" in zs else "-"]
+        row += [f"{r['quant_seconds']:.0f}",
+                f"{r['peak_memory_bytes'] / 2**30:.2f}" if r.get("peak_memory_bytes") else "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    note = (f"\nModel {grid.model}; calibration {grid.nsamples} x {grid.seqlen} tokens of `{grid.calib_data}` "
+            f"(seed {grid.seed}); perplexity at seqlen {grid.eval_seqlen} on the evaluation split "
+            f"({grid.eval_windows or 'all'} windows).\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def write_table(results: list[dict], grid: Grid, out_dir: Path) -> None:
+    (out_dir / "results.md").write_text(markdown_table(results, grid))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib not installed: no plots (pip install 'lopro[plot]')")
+        return
+    for corpus in grid.eval_data:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        by_method: dict[str, list] = {}
+        for r in results:
+            if r["config"]["method"] != FP:
+                by_method.setdefault(r["config"]["method"], []).append((r["effective_bits"], r["ppl"][corpus]))
+            else:
+                ax.axhline(r["ppl"][corpus], color="gray", ls="--", label="fp")
+        for m, pts in by_method.items():
+            pts.sort()
+            ax.plot(*zip(*pts), marker="o", label=m)
+        ax.set_xlabel("effective bits per weight")
+        ax.set_ylabel(f"perplexity ({corpus}, seqlen {grid.eval_seqlen})")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"ppl_{corpus}.png", dpi=120)
+        plt.close(fig)
