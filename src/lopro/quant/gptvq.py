@@ -23,7 +23,6 @@ bits per weight for any shape (exactly 0.125 for 4096 x 4096 and 576 x 576 with 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -133,13 +132,10 @@ class VQLayout:
     def codebook_map(self, device=None) -> Tensor:
         """``[m, n_pad // dim]`` int64: the codebook id of every vector."""
         m = self.shape[0]
-        row_block = torch.zeros(m, dtype=torch.long, device=device)
-        for r, start in enumerate(self.row_bounds[1:-1], start=1):
-            row_block[start:] = r
-        nv = self.n_pad // self.dim
-        col_group = torch.zeros(nv, dtype=torch.long, device=device)
-        for g, start in enumerate(self.col_bounds[1:-1], start=1):
-            col_group[start // self.dim:] = g
+        rb = torch.tensor(self.row_bounds[1:-1], dtype=torch.long, device=device)
+        cb = torch.tensor(self.col_bounds[1:-1], dtype=torch.long, device=device) // self.dim
+        row_block = torch.bucketize(torch.arange(m, device=device), rb, right=True)
+        col_group = torch.bucketize(torch.arange(self.n_pad // self.dim, device=device), cb, right=True)
         return col_group[None, :] * self.num_row_blocks + row_block[:, None]
 
     def effective_bits(self, bits: int, codebook_bits: int = 8, include_scales: bool = False) -> float:
@@ -201,12 +197,6 @@ def _as_batched(X: Tensor, weights: Tensor | None):
             Wb = Wb[..., None]
         Wb = Wb.expand_as(Xb)
     return Xb, Wb, squeeze
-
-
-def _weighted_dist(X: Tensor, Wt: Tensor, C: Tensor) -> Tensor:
-    """[B, N, k]: sum_j Wt[b,i,j] (X[b,i,j] - C[b,c,j])^2, as matmuls."""
-    xx = (Wt * X * X).sum(-1, keepdim=True)
-    return (xx - 2 * torch.bmm(Wt * X, C.transpose(1, 2)) + torch.bmm(Wt, (C * C).transpose(1, 2))).clamp_min_(0)
 
 
 def _sample(p: Tensor, gen: torch.Generator) -> Tensor:
@@ -537,7 +527,7 @@ def rtn_vq(W: Tensor, cfg: VQConfig | None = None) -> VQResult:
         Cq_all.append(Cq)
         S_all.append(S)
         X, Wt, rows = _block_vectors(Wp, wcol, layout, c0, c1)
-        idx = _weighted_dist(X, Wt, Cf).argmin(-1)  # [nr, rmax * nvg]
+        idx = _Assigner(X, Wt, k)(Cf)  # [nr, rmax * nvg]
         q = torch.gather(Cf, 1, idx[..., None].expand(-1, -1, d))  # [nr, rmax * nvg, d]
         ok = rows >= 0
         nvg = (c1 - c0) // d
