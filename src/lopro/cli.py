@@ -42,8 +42,11 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false")
     p.add_argument("--propagate", choices=["quantized", "fp"], default=d.propagate,
                    help="feed each block the quantized (default) or the fp model's activations")
-    p.add_argument("--rank", type=int, default=d.rank)
-    p.add_argument("--rank-dtype", choices=["fp8", "fp16", "fp32"], default=d.rank_dtype)
+    p.add_argument("--rank", type=_rank_arg, default=d.rank, help="an integer, or 'auto' for per-layer ranks (R1-FLR)")
+    p.add_argument("--rank-dtype", choices=["fp8", "fp16", "fp32"], default=None,
+                   help=f"low-rank factor storage (default: fp16 for flrq, {d.rank_dtype} otherwise)")
+    p.add_argument("--bits-budget", type=float, default=None,
+                   help="effective bits per weight each layer may spend; the low-rank ranks are chosen to fit")
     p.add_argument("--lowrank-solver", choices=["r1svd", "svd"], default=d.lowrank_solver)
     p.add_argument("--power-iters", type=int, default=d.power_iters)
     p.add_argument("--block-identity", type=int, default=d.block_identity)
@@ -66,15 +69,27 @@ def _parse_options(items: list[str]) -> dict:
     return out
 
 
+def _rank_arg(v: str):
+    return v if v == "auto" else int(v)
+
+
 def config_from_args(a):
     from .config import QuantConfig
+    from .methods.flrq import DEFAULT_RANK_DTYPE
 
+    options = _parse_options(a.option)
+    if a.rank == "auto":
+        options.setdefault("rank_mode", "auto")
+    if a.bits_budget is not None:
+        options.setdefault("bits_budget", a.bits_budget)
+    rank_dtype = a.rank_dtype or (DEFAULT_RANK_DTYPE if a.method == "flrq" else QuantConfig.rank_dtype)
     return QuantConfig(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, desc_act=a.desc_act,
                        mse=a.mse, damp_percent=a.damp_percent, true_sequential=a.true_sequential,
-                       propagate=a.propagate, rank=a.rank, rank_dtype=a.rank_dtype,
+                       propagate=a.propagate, rank=QuantConfig.rank if a.rank == "auto" else a.rank,
+                       rank_dtype=rank_dtype,
                        lowrank_solver=a.lowrank_solver, power_iters=a.power_iters,
                        block_identity=a.block_identity, block_hadamard=a.block_hadamard,
-                       options=_parse_options(a.option), seed=a.seed)
+                       options=options, seed=a.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:

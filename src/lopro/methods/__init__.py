@@ -31,6 +31,6 @@ def available_methods() -> list[str]:
     return sorted(METHODS)
 
 
-from . import lowrank, scalar  # noqa: E402,F401  (registration)
+from . import flrq, lowrank, scalar  # noqa: E402,F401  (registration)
 
 __all__ = ["LayerResult", "LayerStats", "METHODS", "register", "get_method", "available_methods"]

@@ -26,9 +26,15 @@ def input_scaling(absmean: torch.Tensor) -> torch.Tensor:
 
 
 def scaled_lowrank(W: torch.Tensor, alpha: torch.Tensor, cfg):
-    """(LowRank of W diag(alpha), W_r = its dense form times diag(alpha)^-1), from the stored factors."""
-    lr = lowrank(W * alpha[None, :], cfg.rank, solver=cfg.lowrank_solver, iters=cfg.power_iters, seed=cfg.seed,
-                 storage=cfg.rank_dtype)
+    """(LowRank of W diag(alpha), W_r = its dense form times diag(alpha)^-1), from the stored factors.
+
+    options["rank_mode"]="auto" (R1-FLR) or options["bits_budget"]: the rank comes from flrq.select_lowrank."""
+    if cfg.options.get("rank_mode") == "auto" or cfg.options.get("bits_budget") is not None:
+        from .flrq import select_lowrank  # late import: flrq imports this module
+        lr, _ = select_lowrank(W * alpha[None, :], cfg, rank_mode="fixed")
+    else:
+        lr = lowrank(W * alpha[None, :], cfg.rank, solver=cfg.lowrank_solver, iters=cfg.power_iters, seed=cfg.seed,
+                     storage=cfg.rank_dtype)
     return lr, lr.dense() / alpha[None, :]
 
 
