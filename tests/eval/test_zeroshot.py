@@ -101,6 +101,22 @@ def test_batching_and_padding_do_not_change_scores(model, tokenizer):
     assert one == pytest.approx(seven, abs=1e-4)
 
 
+class PlainForward(torch.nn.Module):
+    """A model whose forward has no ``logits_to_keep``: the scorer must use full logits."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_models_without_logits_to_keep(model, tokenizer):
+    plain = zs.loglikelihoods(PlainForward(model), tokenizer, REQUESTS, batch_size=3)
+    assert plain == pytest.approx(zs.loglikelihoods(model, tokenizer, REQUESTS, batch_size=3), abs=1e-4)
+
+
 def test_truncates_from_the_left(model, tokenizer):
     long_ctx = " ".join(["roof"] * 300)
     [s] = zs.loglikelihoods(model, tokenizer, [(long_ctx, " He starts")], max_length=64)

