@@ -49,9 +49,21 @@ def rotate_hessian(H: torch.Tensor, rot: BlockRotation) -> torch.Tensor:
     return rot.apply(rot.apply(H).T)
 
 
+def vq_config(cfg, width: int):
+    from ..quant.gptvq import VQConfig
+
+    overrides = {k[3:]: v for k, v in cfg.options.items() if k.startswith("vq_")}  # e.g. vq_kmeans_iters=10
+    return VQConfig.for_bits(cfg.bits, width=width, seed=cfg.seed, damp_percent=cfg.damp_percent, **overrides)
+
+
 def quantize_residual(R: torch.Tensor, H: torch.Tensor, cfg, solver: str):
+    """Scalar RTN or GPTQ, or GPTVQ (`solver="gptvq"`); all results expose dequantize/storage_bits."""
     if solver == "rtn":
         return rtn_quantize(R, cfg.bits, cfg.group_size, cfg.sym, cfg.mse)
+    if solver == "gptvq":
+        from ..quant.gptvq import gptvq_quantize
+
+        return gptvq_quantize(R, H, vq_config(cfg, R.shape[1]))
     return gptq_quantize(R, H, cfg.bits, cfg.group_size, cfg.sym, cfg.mse, act_order=False,
                          damp_percent=cfg.damp_percent, blocksize=cfg.blocksize)
 
@@ -80,7 +92,7 @@ def lowrank_residual(W, stats, cfg, solver: str = "gptq", rotation: str = "none"
     if perm is not None:
         residual = residual[:, torch.argsort(perm)]
     bits = q.storage_bits() + lowrank_bits(m, n, lr.rank, FACTOR_BITS[cfg.rank_dtype]) + SCALE_BITS * n
-    parts = {"quant": q, "lowrank": lr, "alpha": alpha}
+    parts = {"vq" if solver == "gptvq" else "quant": q, "lowrank": lr, "alpha": alpha}
     if perm is not None:
         bits += index_bits(n) * n
         parts["perm"] = perm
@@ -107,6 +119,19 @@ def lowrank_gptq_hadamard(W, stats, cfg) -> LayerResult:
 @register("lopro")
 def lopro(W, stats, cfg) -> LayerResult:
     return lowrank_residual(W, stats, cfg, rotation="block", permute=True)
+
+
+@register("lopro-v")
+def lopro_v(W, stats, cfg) -> LayerResult:
+    """LoPRo with GPTVQ (2-D vectors, 8-bit codebooks) on the permuted, rotated residual."""
+    return lowrank_residual(W, stats, cfg, solver="gptvq", rotation="block", permute=True)
+
+
+@register("gptvq")
+def gptvq(W, stats, cfg) -> LayerResult:
+    """Plain GPTVQ (no low rank, no rotation); cfg.group_size is not used (codebook groups are)."""
+    q = quantize_residual(W, stats.H, cfg, "gptvq")
+    return LayerResult(q.dequantize(), q.storage_bits(), {"vq": q})
 
 
 @register("lqer")

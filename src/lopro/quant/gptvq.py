@@ -179,6 +179,14 @@ class VQResult:
     def decode(self) -> Tensor:
         return vq_decode(self.indices, self.codebooks, self.codebook_scale, self.layout)
 
+    # the same interface as the scalar solvers' ScalarQuant, so recipes treat both alike
+    def dequantize(self) -> Tensor:
+        return self.weight
+
+    def storage_bits(self) -> float:
+        m, n = self.layout.shape
+        return self.effective_bits(include_scales=True) * m * n
+
 
 # ----------------------------------------------------------------------------------- k-means
 
