@@ -3,7 +3,8 @@
 Every configuration runs through `lopro.compare.run_grid`: the fp model's per-layer statistics
 (128 x 512 calibration tokens from `wiki`) are computed once and shared (propagate="fp"), each
 configuration is quantized and evaluated on the `wiki` and `news` evaluation splits, and finished
-entries are cached in benchmarks/results/<suite>/results.json, so a rerun only adds what is missing.
+entries are cached in benchmarks/results/smollm2/results.json (shared by the suites, so a
+configuration that two suites need runs once), so a rerun only adds what is missing.
 
     python benchmarks/bench_ppl.py foundation
     python benchmarks/bench_ppl.py ladder
@@ -42,12 +43,19 @@ def ladder():
         configs += [q(m, bits, 64, rank=16, rank_dtype="fp8") for m in LADDER]
         # equal-effective-bits neighbours: rank 16 fp8 costs ~0.5 bits on 576-wide layers
         configs += [q("gptq", bits, 32), q("gptq", bits, 16)]
-        configs += [q("lopro", bits, 64, rank=16, rank_dtype="fp16")]
     configs += [q("gptq", 3, 64)]  # "3-bit accuracy from 2-bit weights": LoPRo W2 next to GPTQ W3
     return configs
 
 
-SUITES = {"foundation": foundation, "ladder": ladder}
+def vq():
+    configs = [FP]
+    for bits in (2, 3):
+        configs += [q("gptq", bits, 64), q("lopro", bits, 64, rank=16), q("gptvq", bits, 64),
+                    q("lopro-v", bits, 64, rank=16)]
+    return configs
+
+
+SUITES = {"foundation": foundation, "ladder": ladder, "vq": vq}
 
 
 def main(argv=None):
@@ -56,7 +64,7 @@ def main(argv=None):
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--windows", type=int, default=32, help="evaluation windows per corpus")
+    p.add_argument("--windows", type=int, default=16, help="evaluation windows per corpus")
     p.add_argument("--propagate", default="fp", choices=["fp", "quantized"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
@@ -66,11 +74,11 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     grid = Grid(model=a.model, configs=SUITES[a.suite](), nsamples=a.nsamples, seqlen=a.seqlen,
                 eval_windows=a.windows)
-    out = Path(a.out or Path(__file__).parent / "results" / a.suite)
-    results = run_grid(grid, out, propagate=a.propagate)
+    out = Path(a.out or Path(__file__).parent / "results" / "smollm2")
+    results = run_grid(grid, out, propagate=a.propagate, table_name=a.suite)
     table = markdown_table(results, grid)
     sys.stdout.write(table)
-    (out / "summary.json").write_text(json.dumps(
+    (out / f"{a.suite}.json").write_text(json.dumps(
         [{"label": r["label"], "effective_bits": r["effective_bits"], "ppl": r["ppl"],
           "quant_seconds": r["quant_seconds"], "solve_seconds": r.get("solve_seconds")} for r in results],
         indent=1))

@@ -89,7 +89,8 @@ def label_of(cfg: dict) -> str:
     return s
 
 
-def run_grid(grid: Grid, out_dir: str | Path, propagate: str = "fp", progress: bool = True) -> list[dict]:
+def run_grid(grid: Grid, out_dir: str | Path, propagate: str = "fp", progress: bool = True,
+             table_name: str = "results") -> list[dict]:
     """Evaluate every configuration of `grid`; returns the entries in grid order."""
     out_dir = Path(out_dir)
     store = ResultStore(out_dir)
@@ -120,7 +121,7 @@ def run_grid(grid: Grid, out_dir: str | Path, propagate: str = "fp", progress: b
     failures = [f for k, f in store.data["failures"].items() if k in dict(todo)]
     for f in failures:
         log.error("FAILED %s: %s", f["label"], f["error"])
-    write_table(results, grid, out_dir)
+    write_table(results, grid, out_dir, table_name)
     return results
 
 
@@ -177,8 +178,8 @@ def markdown_table(results: list[dict], grid: Grid) -> str:
     return "\n".join(lines) + "\n" + note
 
 
-def write_table(results: list[dict], grid: Grid, out_dir: Path) -> None:
-    (out_dir / "results.md").write_text(markdown_table(results, grid))
+def write_table(results: list[dict], grid: Grid, out_dir: Path, name: str = "results") -> None:
+    (out_dir / f"{name}.md").write_text(markdown_table(results, grid))
     try:
         import matplotlib
 
@@ -204,5 +205,5 @@ def write_table(results: list[dict], grid: Grid, out_dir: Path) -> None:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out_dir / f"ppl_{corpus}.png", dpi=120)
+        fig.savefig(out_dir / f"{name}_ppl_{corpus}.png", dpi=120)
         plt.close(fig)
