@@ -163,6 +163,16 @@ def test_blc_never_worse_than_its_first_iterate(bits):
     assert dflt.info["blc_epochs"] == (20 if bits == 2 else 1)
 
 
+def test_blc_rank_first_keeps_the_bits_of_blc_off():
+    W, stats = _layer(seed=5)
+    off, loss_off = _run("flrq", W, stats, bits=2, group_size=64, options={"blc": False})
+    first, loss_first = _run("flrq", W, stats, bits=2, group_size=64, options={"blc_epochs": 3, "blc_rank": "first"})
+    assert first.info["rank"] == off.info["rank"] and first.total_bits == off.total_bits
+    assert loss_first < loss_off
+    with pytest.raises(ValueError, match="blc_rank"):
+        _run("flrq", W, stats, bits=2, options={"blc_rank": "nope"})
+
+
 def test_flrq_beats_rtn_at_equal_bits():
     W, stats = _layer(m=256, n=512)
     rtn, loss_rtn = _run("rtn", W, stats, bits=3, group_size=64, mse=True)  # asym g64: 3.30 bits

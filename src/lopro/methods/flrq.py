@@ -19,7 +19,9 @@ group's columns (``clip_weight="hdiag"``, default) or the plain squared error (`
 Options (``cfg.options``), with defaults:
 ``max_rank`` 128, ``budget_x`` 0.2, ``flat_window`` 4, ``flat_threshold`` 1e-3 (R1-FLR rules);
 ``rank_mode`` "auto" (R1-FLR) or "fixed" (``cfg.rank``, no rule); ``bits_budget`` (see
-:func:`select_lowrank`); ``blc`` True; ``blc_epochs`` 1 at >= 3 bits, 20 at 2 bits; ``residual``
+:func:`select_lowrank`); ``blc`` True; ``blc_epochs`` 1 at >= 3 bits, 20 at 2 bits; ``blc_rank``
+"refit" (R1-FLR chooses again on ``W - Ŵq`` each epoch, as the paper writes it; the rank, and so
+the bits, may differ from blc=False) or "first" (refits keep the rank chosen on ``W``); ``residual``
 "rtn" or "gptq" (GPTQ runs on lopro's grid: symmetric unless ``grid="asym"``, clip search by its
 ``mse`` option); ``grid`` "flrq", "sym" (lopro's/GPTQ's symmetric grid) or "asym"; ``clip_weight``.
 The factors are stored in ``cfg.rank_dtype``; the CLI defaults it to fp16 for ``flrq`` (the paper's
@@ -27,6 +29,7 @@ choice); from Python pass ``QuantConfig(method="flrq", rank_dtype="fp16")``.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -51,6 +54,7 @@ RANK_MODES = ("auto", "fixed")
 RESIDUALS = ("rtn", "gptq")
 GRIDS = ("flrq", "sym", "asym")
 CLIP_WEIGHTS = ("hdiag", "none")
+BLC_RANKS = ("refit", "first")
 PERMUTED_METHODS = ("lopro",)  # methods that also store a column permutation (counted in the budget)
 
 
@@ -87,21 +91,23 @@ class FLRQOptions:
     residual: str = "rtn"
     grid: str = "flrq"
     clip_weight: str = "hdiag"
+    blc_rank: str = "refit"
 
     @classmethod
     def from_config(cls, cfg) -> "FLRQOptions":
         opt = cfg.options
         o = cls(blc=bool(opt.get("blc", True)), blc_epochs=int(opt.get("blc_epochs", 20 if cfg.bits <= 2 else 1)),
                 residual=opt.get("residual", "rtn"), grid=opt.get("grid", "flrq"),
-                clip_weight=opt.get("clip_weight", "hdiag"))
+                clip_weight=opt.get("clip_weight", "hdiag"), blc_rank=opt.get("blc_rank", "refit"))
         for name, value, allowed in (("residual", o.residual, RESIDUALS), ("grid", o.grid, GRIDS),
-                                     ("clip_weight", o.clip_weight, CLIP_WEIGHTS)):
+                                     ("clip_weight", o.clip_weight, CLIP_WEIGHTS),
+                                     ("blc_rank", o.blc_rank, BLC_RANKS)):
             if value not in allowed:
                 raise ValueError(f"flrq option {name} must be one of {allowed}, got {value!r}")
         if o.blc_epochs < 0:
             raise ValueError(f"blc_epochs must be >= 0, got {o.blc_epochs}")
         if o.residual == "gptq" and o.grid == "flrq":
-            o = cls(o.blc, o.blc_epochs, o.residual, "sym", o.clip_weight)  # GPTQ runs on lopro's grids
+            o = dataclasses.replace(o, grid="sym")  # GPTQ runs on lopro's grids
         return o
 
 
@@ -266,9 +272,15 @@ def flrq(W, stats, cfg) -> LayerResult:
     base_bits = scalar_bits(m, n, cfg.bits, num_groups(n, cfg.group_size), sym) + SCALE_BITS * n
     rank_seconds = 0.0
 
-    def fit(target):
+    def fit(target, rank=None):
         nonlocal rank_seconds
-        lr, info = select_lowrank(target * alpha[None, :], cfg, base_bits)
+        if rank is None:
+            lr, info = select_lowrank(target * alpha[None, :], cfg, base_bits)
+        else:  # blc_rank="first": refit at the rank chosen on W
+            t0 = time.perf_counter()
+            lr = lowrank(target * alpha[None, :], rank, solver=cfg.lowrank_solver, iters=cfg.power_iters,
+                         seed=cfg.seed, storage=cfg.rank_dtype)
+            info = {**first_info, "seconds": time.perf_counter() - t0}
         rank_seconds += info["seconds"]
         return lr, info, lr.dense() / alpha[None, :]
 
@@ -279,6 +291,7 @@ def flrq(W, stats, cfg) -> LayerResult:
         return quantize_clipped(R, cfg.bits, cfg.group_size, o.grid, clip, weight)
 
     lr, finfo, W_r = fit(W)
+    first_info, refit_rank = finfo, (lr.rank if o.blc_rank == "first" else None)
     q = quant(W - W_r, clip=False)
     Wq = q.dequantize()
     best = (_layer_loss(W_r + Wq - W, H), lr, finfo, W_r, q, Wq)
@@ -288,7 +301,7 @@ def flrq(W, stats, cfg) -> LayerResult:
         Wq = q.dequantize()
         for it in range(1, o.blc_epochs + 2):
             if it > 1:
-                lr, finfo, W_r = fit(W - Wq)
+                lr, finfo, W_r = fit(W - Wq, refit_rank)
                 q = quant(W - W_r, clip=True)
                 Wq = q.dequantize()
                 epochs += 1
