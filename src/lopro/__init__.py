@@ -11,5 +11,9 @@ except PackageNotFoundError:  # running from a source tree
 from .config import QuantConfig  # noqa: E402
 from .methods import available_methods  # noqa: E402
 from .model.pipeline import QuantReport, quantize  # noqa: E402
+from .model.checkpoint import load, save  # noqa: E402
+from .model.hf_quantizer import register_lazily as _register_hf_quantizer  # noqa: E402
 
-__all__ = ["QuantConfig", "QuantReport", "quantize", "available_methods", "__version__"]
+_register_hf_quantizer()  # transformers' AutoModelForCausalLM.from_pretrained reads lopro checkpoints
+
+__all__ = ["QuantConfig", "QuantReport", "quantize", "load", "save", "available_methods", "__version__"]

@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     q.add_argument("--out", required=True)
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    q.add_argument("--fake", action="store_true",
+                   help="write the fake-quantized fp model (dense dequantized weights) instead of the packed checkpoint")
     q.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
     e = sub.add_parser("eval", help="perplexity of a model on a corpus")
@@ -140,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None)
     c.add_argument("--out", default="compare-results")
 
+    g = sub.add_parser("generate", help="greedy generation from a model or packed checkpoint")
+    g.add_argument("--model", required=True)
+    g.add_argument("--prompt", required=True, action="append", help="repeatable")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--device", default=None)
+    g.add_argument("--json", action="store_true")
+
+    i = sub.add_parser("info", help="config, effective bits and size of a packed checkpoint")
+    i.add_argument("folder")
+    i.add_argument("--verify", action="store_true", help="also check every tensor against the config")
+    i.add_argument("--json", action="store_true")
+
     sub.add_parser("demo", help="LoPRo W2 beside GPTQ W2 and FP on the built-in SmolLM2 (small calibration)")
     sub.add_parser("methods", help="list the registered methods")
     return p
@@ -151,7 +166,7 @@ def cmd_quantize(a) -> dict:
     cfg = config_from_args(a)
     summary = quantize_to_folder(a.model, cfg, a.out, calib_data=a.calib_data, nsamples=a.nsamples,
                                  seqlen=a.seqlen, batch_size=a.batch_size, device=a.device,
-                                 overwrite=a.overwrite, stats_cache=a.stats_cache)
+                                 overwrite=a.overwrite, stats_cache=a.stats_cache, packed=not a.fake)
     log.warning("wrote %s: effective bits %.3f, %.1f s", a.out, summary["effective_bits"], summary["quant_seconds"])
     return summary
 
@@ -164,6 +179,50 @@ def cmd_eval(a) -> dict:
     log.warning("perplexity on %s (seqlen %d, %d tokens): %.3f", res["data"], res["seqlen"], res["tokens"],
                 res["ppl"])
     return res
+
+
+def cmd_generate(a) -> dict:
+    from .model.loading import load_model
+
+    model, tok, _ = load_model(a.model, device=a.device)
+    device = next(model.parameters()).device
+    outputs = []
+    for prompt in a.prompt:
+        text = prompt
+        if a.chat:
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt").to(device)
+        out = model.generate(**ids, max_new_tokens=a.max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        completion = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        outputs.append({"prompt": prompt, "completion": completion})
+    return {"model": a.model, "outputs": outputs}
+
+
+def cmd_info(a) -> dict:
+    from .model.checkpoint import checkpoint_info, verify_folder
+
+    info = checkpoint_info(a.folder)
+    if a.verify:
+        verify_folder(a.folder)
+        info["verified"] = True
+    return info
+
+
+def _print_info(info: dict) -> None:
+    mib = 1024**2
+    lines = [f"{info['folder']}: lopro {info['method']} W{info['bits']} g{info['group_size']}"
+             + (f" rank {info['rank']} {info['rank_dtype']}" if info.get("rank") else ""),
+             f"  effective bits   {info['effective_bits']:.4f} (stored bytes x 8 / quantized params)",
+             f"  quantized        {info['quantized_layers']} layers, {info['quantized_params']:,} params, "
+             f"{info['quantized_bytes'] / mib:.2f} MiB",
+             f"  unquantized      {info['unquantized_bytes'] / mib:.2f} MiB (embeddings, norms, head)",
+             f"  on disk          {info['weights_bytes'] / mib:.2f} MiB weights, {info['folder_bytes'] / mib:.2f} MiB folder",
+             f"  lopro {info['lopro_version']}, calibration sha256 {info['calibration_sha256']}",
+             f"  hadamard {info['hadamard_convention']}" + ("  [verified]" if info.get("verified") else ""),
+             "  config " + json.dumps(info["quant_config"], sort_keys=True)]
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
 def _grid_from_args(a):
@@ -216,7 +275,7 @@ def main(argv=None) -> int:
             sys.stdout.write("\n".join(out["methods"]) + "\n")
             return 0
         out = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare,
-               "demo": cmd_demo}[args.command](args)
+               "demo": cmd_demo, "generate": cmd_generate, "info": cmd_info}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
         log.error("%s", exc)
         return 2
@@ -224,6 +283,10 @@ def main(argv=None) -> int:
         sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
     elif args.command == "eval":
         sys.stdout.write(f"{out['data']} seqlen={out['seqlen']} ppl={out['ppl']:.4f}\n")
+    elif args.command == "generate":
+        sys.stdout.write("".join(f"> {o['prompt']}\n{o['completion']}\n\n" for o in out["outputs"]))
+    elif args.command == "info":
+        _print_info(out)
     return 0
 
 

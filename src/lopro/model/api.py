@@ -44,7 +44,9 @@ def write_folder_atomically(out: Path, write) -> None:
 
 
 def quantize_to_folder(model_name: str, cfg: QuantConfig, out, *, calib_data="wiki", nsamples=128, seqlen=512,
-                       batch_size=8, device=None, overwrite=False, stats_cache=None) -> dict:
+                       batch_size=8, device=None, overwrite=False, stats_cache=None, packed=True) -> dict:
+    """Quantize and write `out`: a packed lopro checkpoint (default), or with `packed=False` the
+    fake-quantized fp model (dense dequantized weights, loadable by plain transformers)."""
     out = check_out_folder(out, overwrite)
     resolve_model_path(model_name)  # fail fast on a bad name before loading anything
     model, tok, _ = load_model(model_name, device="cpu")
@@ -53,11 +55,23 @@ def quantize_to_folder(model_name: str, cfg: QuantConfig, out, *, calib_data="wi
     calib = calibration_windows(tokens, nsamples, seqlen, cfg.seed)
     dev = torch.device(device) if device else default_device()
     model.to(dev)
-    model, report = quantize(model, cfg, calib, batch_size=batch_size, device=dev, stats_cache=stats_cache)
+    on_layer = None
+    if packed:
+        from .qlinear import packer
+
+        on_layer = packer(model)
+    model, report = quantize(model, cfg, calib, batch_size=batch_size, device=dev, stats_cache=stats_cache,
+                             on_layer=on_layer)
     report.summary["model"] = model_name
     report.summary["calib_data"] = calib_data
+    report.summary["packed"] = packed
 
     def write(folder: Path):
+        if packed:
+            from .checkpoint import save_quantized
+
+            save_quantized(model, folder, config=cfg, report=report, tokenizer=tok)
+            return
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
         (folder / "report.json").write_text(json.dumps(report.to_dict(), indent=1, default=str))

@@ -36,8 +36,13 @@ def load_model(name_or_dir: str, dtype: torch.dtype = torch.float32, device=None
     """(model, tokenizer, path). Quantized lopro checkpoints load through the same call."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .checkpoint import is_lopro_checkpoint, load
+
     path = resolve_model_path(name_or_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if is_lopro_checkpoint(path):  # packed checkpoint: verified, loaded layer by layer
+        model = load(path, device=device or default_device(), dtype=dtype)
+        return model, tokenizer, path
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.eval()
     model.to(device or default_device())

@@ -1,0 +1,480 @@
+"""Packed lopro checkpoints: save, verify and load.
+
+A checkpoint is a Hugging Face model folder:
+
+- ``model.safetensors`` (or ``model-0000i-of-0000N.safetensors`` shards with
+  ``model.safetensors.index.json``): the packed layers' buffers (see ``qlinear.py``) and the
+  unquantized tensors (embeddings, norms, head), the latter in the narrowest float dtype that holds
+  them exactly by default;
+- ``config.json``: the model config plus ``quantization_config`` (``quant_method: "lopro"``, the
+  run's settings and provenance, and one spec per packed module, enough to rebuild the skeleton);
+- tokenizer files, ``generation_config.json`` and ``report.json`` (the quantization report).
+
+:func:`save` writes the folder under a temporary name and moves it into place, so an interrupted
+save never leaves a folder that looks complete. :func:`load` builds the architecture with its
+parameters on the meta device, swaps in empty ``QuantLinear`` skeletons, checks every tensor of
+every shard against the expected names, shapes and dtypes (reading only the safetensors headers),
+then loads tensor by tensor: the model is never materialised in fp32.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import struct
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .qlinear import QuantLinear, buffer_specs, effective_bits, install_quant_linears, quant_linear_specs, \
+    set_compute_dtype
+
+log = logging.getLogger(__name__)
+
+QUANT_METHOD = "lopro"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+FP_DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json")
+
+# safetensors header dtype names
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+              "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is incomplete, truncated or does not match its config."""
+
+
+# --------------------------------------------------------------------------- config
+
+def build_quantization_config(model: nn.Module, config=None, summary: dict | None = None) -> dict:
+    """The ``quantization_config`` of a packed model: settings, provenance and per-module specs."""
+    from .. import __version__
+    from ..linalg.hadamard import HADAMARD_CONVENTION
+
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+    specs = quant_linear_specs(model)
+    if not specs:
+        raise ValueError("the model has no QuantLinear layers: pack it first (quantize(..., on_layer=packer(model)))")
+    calib = (summary or {}).get("calibration") or {}
+    params = sum(s["in_features"] * s["out_features"] for s in specs.values())
+    bits = sum(effective_bits(s) * s["in_features"] * s["out_features"] for s in specs.values()) / params
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "method": cfg.get("method"),
+        "bits": cfg.get("bits"),
+        "group_size": cfg.get("group_size"),
+        "sym": cfg.get("sym"),
+        "rank": cfg.get("rank"),
+        "rank_dtype": cfg.get("rank_dtype"),
+        "block_identity": cfg.get("block_identity"),
+        "block_hadamard": cfg.get("block_hadamard"),
+        "hadamard_convention": HADAMARD_CONVENTION,
+        "seed": cfg.get("seed"),
+        "lopro_version": __version__,
+        "calibration_sha256": calib.get("sha256"),
+        "calibration": {k: calib.get(k) for k in ("nsamples", "seqlen")} if calib else None,
+        "effective_bits": bits,
+        "quantized_params": params,
+        "quant_config": cfg,
+        "modules": specs,
+    }
+
+
+def read_config(folder: str | Path) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{folder} has no config.json")
+    return json.loads(path.read_text())
+
+
+def read_quantization_config(folder: str | Path) -> dict | None:
+    """The lopro ``quantization_config`` of a folder, or None when it is not a lopro checkpoint."""
+    qc = read_config(folder).get("quantization_config")
+    return qc if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD else None
+
+
+def is_lopro_checkpoint(folder: str | Path) -> bool:
+    try:
+        return read_quantization_config(folder) is not None
+    except (CheckpointError, json.JSONDecodeError):
+        return False
+
+
+# --------------------------------------------------------------------------- save
+
+def _tied_aliases(model: nn.Module) -> set[str]:
+    """State-dict names that alias another tensor (tied weights): saved once, re-tied on load."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    seen: dict[tuple, str] = {}
+    out = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.device.type != \
+            "meta" else None
+        if key is not None and key in seen:
+            if name not in tied and seen[key] not in tied:
+                raise ValueError(f"tensors {seen[key]} and {name} share memory but are not declared tied")
+            out.add(name if name in tied else seen[key])
+        elif key is not None:
+            seen[key] = name
+    return out
+
+
+def _fp_storage(t: torch.Tensor, fp_dtype: str) -> torch.Tensor:
+    if fp_dtype != "auto":
+        return t.to(FP_DTYPES[fp_dtype])
+    for dt in (torch.bfloat16, torch.float16):
+        if t.dtype.itemsize > dt.itemsize:
+            c = t.to(dt)
+            if torch.equal(c.to(t.dtype), t):
+                return c
+    return t
+
+
+def _tensors_to_save(model: nn.Module, fp_dtype: str) -> dict[str, torch.Tensor]:
+    if fp_dtype not in FP_DTYPES:
+        raise ValueError(f"fp_dtype must be one of {sorted(FP_DTYPES)}, got {fp_dtype!r}")
+    qnames = {f"{name}." if name else "" for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    skip = _tied_aliases(model)
+    out = {}
+    for name, t in model.state_dict().items():
+        if name in skip:
+            continue
+        owner = name.rpartition(".")[0] + "."
+        t = t.detach().to("cpu")
+        if t.is_floating_point() and (owner not in qnames or name.endswith(".bias")):
+            t = _fp_storage(t, fp_dtype)
+        out[name] = t.contiguous()
+    return out
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def save_quantized(model: nn.Module, folder: str | Path, *, config=None, report=None, tokenizer=None,
+                   tokenizer_from: str | Path | None = None, fp_dtype: str = "auto",
+                   max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+    """Write a packed model into the (existing, empty) `folder`; returns its quantization_config.
+
+    Not atomic by itself: use :func:`save` (or ``write_folder_atomically``) for a safe write.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    summary = getattr(report, "summary", None) if report is not None else None
+    qc = build_quantization_config(model, config, summary)
+    tensors = _tensors_to_save(model, fp_dtype)
+    shards = _shards(tensors, max_shard_bytes)
+    fp_sizes: dict[torch.dtype, int] = {}
+    for name, t in tensors.items():
+        if t.is_floating_point() and not any(name.startswith(f"{m}.") for m in qc["modules"]):
+            fp_sizes[t.dtype] = fp_sizes.get(t.dtype, 0) + t.numel()
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = WEIGHTS_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / fname), metadata={"format": "pt", "quant_method": QUANT_METHOD})
+        weight_map.update({name: fname for name in shard})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
+                                                     "weight_map": weight_map}, indent=1))
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = qc
+    if fp_sizes:  # the dtype most unquantized weights are stored in
+        cfg["dtype"] = str(max(fp_sizes, key=fp_sizes.get)).removeprefix("torch.")
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    elif tokenizer_from is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_from) / name
+            if src.exists():
+                (folder / name).write_bytes(src.read_bytes())
+    if report is not None:
+        body = report.to_dict() if hasattr(report, "to_dict") else report
+        (folder / "report.json").write_text(json.dumps(body, indent=1, default=str))
+    return qc
+
+
+def save(model: nn.Module, out: str | Path, *, overwrite: bool = False, **kwargs) -> dict:
+    """Atomically write a packed model to `out` (see :func:`save_quantized` for the options)."""
+    from .api import check_out_folder, write_folder_atomically
+
+    out = check_out_folder(out, overwrite)
+    holder: dict = {}
+    write_folder_atomically(out, lambda tmp: holder.update(qc=save_quantized(model, tmp, **kwargs)))
+    return holder["qc"]
+
+
+# --------------------------------------------------------------------------- headers and verification
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """(header dict, offset of the data section) of a safetensors file, without reading the data."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path.name} is truncated: {size} bytes, too short for a safetensors header")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise CheckpointError(f"{path.name} is truncated inside its header ({size} bytes, header needs {n + 8})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path.name} has a corrupt safetensors header: {exc}") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def shard_files(folder: str | Path) -> dict[str, str]:
+    """Tensor name -> shard file name, from the index (sharded) or the single weights file."""
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    if index.exists():
+        return dict(json.loads(index.read_text())["weight_map"])
+    single = folder / WEIGHTS_NAME
+    if not single.exists():
+        raise CheckpointError(f"{folder} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+    header, _ = read_safetensors_header(single)
+    return {name: WEIGHTS_NAME for name in header}
+
+
+def scan_checkpoint(folder: str | Path) -> dict[str, dict]:
+    """Every stored tensor: name -> {file, dtype, shape}; raises on a truncated or inconsistent file."""
+    folder = Path(folder)
+    weight_map = shard_files(folder)
+    found: dict[str, dict] = {}
+    for fname in sorted(set(weight_map.values())):
+        path = folder / fname
+        if not path.exists():
+            missing = sorted(k for k, v in weight_map.items() if v == fname)
+            raise CheckpointError(f"shard {fname} is missing (it holds {missing[0]} and {len(missing) - 1} more)")
+        header, start = read_safetensors_header(path)
+        size = path.stat().st_size
+        for name, info in header.items():
+            dtype = _ST_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise CheckpointError(f"tensor {name} in {fname} has unsupported dtype {info['dtype']}")
+            begin, end = info["data_offsets"]
+            need = torch.Size(info["shape"]).numel() * torch.empty(0, dtype=dtype).element_size()
+            if end - begin != need:
+                raise CheckpointError(f"tensor {name} in {fname}: {end - begin} bytes stored for shape "
+                                      f"{info['shape']} {info['dtype']} ({need} expected)")
+            if start + end > size:
+                raise CheckpointError(f"tensor {name} in {fname} is truncated: the file has {size} bytes, "
+                                      f"the tensor ends at byte {start + end}")
+            found[name] = {"file": fname, "dtype": dtype, "shape": tuple(info["shape"])}
+    listed = set(weight_map) - set(found)
+    if listed:
+        name = sorted(listed)[0]
+        raise CheckpointError(f"tensor {name} is listed in the index under {weight_map[name]} but that file "
+                              "does not contain it")
+    return found
+
+
+def expected_tensors(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """What a checkpoint of this skeleton must hold: name -> (shape, exact dtype or None for any float)."""
+    skip = set(getattr(model, "all_tied_weights_keys", None) or {})
+    qmods = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    out: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name in skip:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        if owner in qmods:
+            shape, dtype = buffer_specs(qmods[owner].spec)[leaf]
+            out[name] = (shape, None if leaf == "bias" else dtype)
+        else:
+            out[name] = (tuple(t.shape), None if t.is_floating_point() else t.dtype)
+    return out
+
+
+def verify(found: dict[str, dict], expected: dict[str, tuple]) -> None:
+    """Every expected tensor is stored with its shape and dtype, and nothing unexpected is stored."""
+    for name, (shape, dtype) in expected.items():
+        info = found.get(name)
+        if info is None:
+            raise CheckpointError(f"tensor {name} is missing from the checkpoint")
+        if info["shape"] != tuple(shape):
+            raise CheckpointError(f"tensor {name} has shape {list(info['shape'])} in {info['file']}, "
+                                  f"expected {list(shape)}")
+        if dtype is None and not info["dtype"].is_floating_point:
+            raise CheckpointError(f"tensor {name} has dtype {info['dtype']} in {info['file']}, expected a float")
+        if dtype is not None and info["dtype"] != dtype:
+            raise CheckpointError(f"tensor {name} has dtype {info['dtype']} in {info['file']}, expected {dtype}")
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        raise CheckpointError(f"tensor {extra[0]} in {found[extra[0]]['file']} is not part of the model "
+                              f"({len(extra)} unexpected tensors)")
+
+
+def verify_folder(folder: str | Path) -> dict[str, dict]:
+    """Check a packed checkpoint against its config without loading any weight; returns the scan."""
+    model = build_skeleton(folder)
+    found = scan_checkpoint(folder)
+    verify(found, expected_tensors(model))
+    return found
+
+
+# --------------------------------------------------------------------------- load
+
+@contextlib.contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device (buffers such as RoPE tables stay real)."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _plain_config(folder: str | Path):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+def build_skeleton(folder: str | Path, dtype: torch.dtype = torch.float32,
+                   compute_dtype: torch.dtype | None = None) -> nn.Module:
+    """The architecture with meta parameters and empty QuantLinear modules where the config says."""
+    from transformers import AutoModelForCausalLM
+
+    qc = read_quantization_config(folder)
+    if qc is None:
+        raise CheckpointError(f"{folder} is not a lopro checkpoint (no quantization_config with "
+                              f"quant_method '{QUANT_METHOD}')")
+    if qc.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{folder} uses lopro format {qc['format_version']}; this library reads up to "
+                              f"{FORMAT_VERSION}: upgrade lopro")
+    with params_on_meta():
+        model = AutoModelForCausalLM.from_config(_plain_config(folder), dtype=dtype)
+    install_quant_linears(model, qc["modules"], device="meta", compute_dtype=compute_dtype)
+    return model
+
+
+def _assign(model: nn.Module, name: str, t: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(owner) if owner else model
+    if leaf in mod._parameters:
+        mod._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+    elif leaf in mod._buffers:
+        mod._buffers[leaf] = t
+    else:  # pragma: no cover - verify() rejects unknown names first
+        raise CheckpointError(f"tensor {name} has no place in the model")
+
+
+def default_load_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def load(folder: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+         compute_dtype: torch.dtype | None = None) -> nn.Module:
+    """A ready (eval-mode) model from a packed checkpoint.
+
+    device: where the model goes (default: cuda if available, else cpu). dtype: the unquantized
+    tensors' dtype (default fp32 on CPU, bf16 on CUDA). compute_dtype: the QuantLinear compute
+    dtype (default: follow the activations). Tensors are checked before any is read and loaded one
+    at a time straight into place.
+    """
+    from safetensors import safe_open
+
+    from .loading import default_device
+
+    folder = Path(folder)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_load_dtype(device)
+    model = build_skeleton(folder, dtype=dtype, compute_dtype=compute_dtype)
+    found = scan_checkpoint(folder)
+    expected = expected_tensors(model)
+    verify(found, expected)
+    qmods = {name for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for fname in sorted({info["file"] for info in found.values()}):
+        dev = str(device) if device.type != "cpu" else "cpu"
+        with safe_open(str(folder / fname), framework="pt", device=dev) as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                owner = name.rpartition(".")[0]
+                if t.is_floating_point() and (owner not in qmods or name.endswith(".bias")):
+                    t = t.to(dtype)
+                _assign(model, name, t)
+    model.tie_weights()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type == "meta":
+            raise CheckpointError(f"tensor {name} was not loaded (missing from the checkpoint)")
+    set_compute_dtype(model, compute_dtype)
+    model.to(device)
+    model.eval()
+    model.config.quantization_config = read_quantization_config(folder)
+    return model
+
+
+# --------------------------------------------------------------------------- info
+
+def checkpoint_info(folder: str | Path) -> dict[str, Any]:
+    """Config, effective bits and sizes of a packed checkpoint (headers only)."""
+    folder = Path(folder)
+    qc = read_quantization_config(folder)
+    if qc is None:
+        raise CheckpointError(f"{folder} is not a lopro checkpoint")
+    found = scan_checkpoint(folder)
+    modules = qc["modules"]
+    qbytes = fpbytes = 0
+    for name, info in found.items():
+        nbytes = torch.Size(info["shape"]).numel() * torch.empty(0, dtype=info["dtype"]).element_size()
+        if name.rpartition(".")[0] in modules and not name.endswith(".bias"):
+            qbytes += nbytes
+        else:
+            fpbytes += nbytes
+    disk = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    weights = sum((folder / f).stat().st_size for f in {i["file"] for i in found.values()})
+    params = qc.get("quantized_params") or sum(s["in_features"] * s["out_features"] for s in modules.values())
+    return {
+        "folder": str(folder),
+        "method": qc.get("method"), "bits": qc.get("bits"), "group_size": qc.get("group_size"),
+        "rank": qc.get("rank"), "rank_dtype": qc.get("rank_dtype"),
+        "effective_bits": qbytes * 8 / params if params else float("nan"),
+        "effective_bits_config": qc.get("effective_bits"),
+        "quantized_layers": len(modules), "quantized_params": params,
+        "quantized_bytes": qbytes, "unquantized_bytes": fpbytes,
+        "weights_bytes": weights, "folder_bytes": disk,
+        "lopro_version": qc.get("lopro_version"), "calibration_sha256": qc.get("calibration_sha256"),
+        "hadamard_convention": qc.get("hadamard_convention"),
+        "quant_config": qc.get("quant_config"),
+    }
+
+
+__all__ = ["CheckpointError", "QUANT_METHOD", "FORMAT_VERSION", "build_quantization_config", "save", "save_quantized",
+           "load", "verify_folder", "scan_checkpoint", "checkpoint_info", "is_lopro_checkpoint",
+           "read_quantization_config", "build_skeleton", "params_on_meta"]
