@@ -158,6 +158,9 @@ def test_compute_dtypes_device_moves_and_cache():
     assert torch.equal(a, b) and layer._w_cache is not None
     layer.to(torch.device("cpu"))
     assert layer._w_cache is None
+    layer.to(torch.bfloat16)  # casts leave the packed storage alone
+    assert layer.scales.dtype == torch.float16 and layer.lr_U.dtype == torch.float8_e4m3fn
+    assert torch.equal(layer(x), a)
 
 
 def test_bad_parts_are_refused():

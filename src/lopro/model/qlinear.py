@@ -35,6 +35,12 @@ perm           [n] int16/int32                                          perm
 bias           [m] float                                                bias
 =============  ======================================================  ==========================
 
+Dequantization runs in chunks of rows (each pass stays in cache) into one scratch buffer per thread
+shared by all layers on the CPU (the largest layer's weight in the compute dtype: fresh allocations
+of that size cost page faults on every call); the low-rank branch folds ``1/alpha`` into ``V`` and
+adds ``U S (V x)`` into the output in place; the rotation is one ``b_H x b_H`` matmul per block
+(``rotation_impl = "fwht"`` uses the butterfly ``BlockRotation.apply`` instead, slower on CPU).
+
 ``cache_weight`` (off by default): keep the dequantized residual of the last compute dtype/device
 in a plain attribute, trading ``m * n`` compute-dtype elements of memory per layer for skipping the
 per-call unpack. Benchmarks measure the default (no cache).
@@ -52,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..linalg.hadamard import BlockRotation, hadamard_matrix
-from ..quant.packing import pack, pack_int16_or_32, packed_length, unpack
+from ..quant.packing import pack, packed_length, unpack
 
 SPEC_VERSION = 1
 ROTATION_IMPLS = ("matmul", "fwht")
@@ -306,22 +312,32 @@ class QuantLinear(nn.Module):
         dtype = self._compute_dtype(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(dtype)
-        y = None
-        wq = self._residual(dtype, scratch=True)
-        if wq is not None:
-            y = F.linear(self.transform_input(x2), wq)
-        if self.spec["lowrank"] is not None:
-            V = self.lr_V.to(dtype)
-            if self.spec["alpha"]:  # fold 1/alpha into V: r x n work instead of tokens x n
-                V = V / self.alpha.to(dtype)
-            US = self.lr_U.to(dtype) * self.lr_S.to(dtype)
-            yr = F.linear(F.linear(x2, V), US)
-            y = yr if y is None else y.add_(yr)
+        y = self.quant_branch(x2)
+        y = self.lowrank_branch(x2, y)
         if y is None:
             y = x2.new_zeros(x2.shape[0], self.out_features)
         if self.spec["bias"]:
             y = y.add_(self.bias.to(dtype))
         return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def quant_branch(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """``Ŵq (Q^T P^T x)`` for 2-D ``x2`` (tokens x n) in its dtype; None without a residual."""
+        # the shared scratch buffer is overwritten by the next layer: not when autograd keeps wq
+        scratch = not (torch.is_grad_enabled() and x2.requires_grad)
+        wq = self._residual(x2.dtype, scratch=scratch)
+        return None if wq is None else F.linear(self.transform_input(x2), wq)
+
+    def lowrank_branch(self, x2: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``y + U (S * (V (x / alpha)))`` as two thin matmuls (added into `y` in place when given)."""
+        if self.spec["lowrank"] is None:
+            return y
+        dtype = x2.dtype
+        V = self.lr_V.to(dtype)
+        if self.spec["alpha"]:  # fold 1/alpha into V: r x n work instead of tokens x n
+            V = V / self.alpha.to(dtype)
+        US = self.lr_U.to(dtype) * self.lr_S.to(dtype)
+        t = F.linear(x2, V)
+        return F.linear(t, US) if y is None else y.addmm_(t, US.T)
 
     # ------------------------------------------------------------------ misc
 
@@ -329,9 +345,18 @@ class QuantLinear(nn.Module):
         return next(iter(self._buffers.values()))
 
     def _apply(self, fn, recurse=True):
+        """Device moves apply to every buffer; dtype casts (``model.half()``, ``.to(torch.bfloat16)``)
+        only to the bias: the packed tensors are exact in their own dtypes and stay in them."""
         self._derived = {}
         self._w_cache = None
-        return super()._apply(fn, recurse)
+        for name, buf in self._buffers.items():
+            if buf is None:
+                continue
+            new = fn(buf)
+            if name != "bias" and new.dtype != buf.dtype:
+                new = buf.to(device=new.device)
+            self._buffers[name] = new
+        return self
 
     def storage_bits(self) -> int:
         """Bits held by the buffers (bias excluded)."""
@@ -596,4 +621,4 @@ def set_compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> None:
 
 
 __all__ = ["QuantLinear", "SPEC_VERSION", "buffer_specs", "effective_bits", "pack_layer", "packer",
-           "quant_linear_specs", "install_quant_linears", "set_compute_dtype", "pack_int16_or_32"]
+           "quant_linear_specs", "install_quant_linears", "set_compute_dtype", "release_workspace"]
