@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..config import QuantConfig
+from ..data.corpora import load_corpus
 from ..data.windows import calibration_windows, eval_windows, tokenize_split
 from .loading import default_device, load_model, resolve_model_path
 from .pipeline import quantize, validate
@@ -48,7 +49,8 @@ def quantize_to_folder(model_name: str, cfg: QuantConfig, out, *, calib_data="wi
     """Quantize and write `out`: a packed lopro checkpoint (default), or with `packed=False` the
     fake-quantized fp model (dense dequantized weights, loadable by plain transformers)."""
     out = check_out_folder(out, overwrite)
-    resolve_model_path(model_name)  # fail fast on a bad name before loading anything
+    resolve_model_path(model_name)  # fail fast on a bad name or corpus before loading anything
+    load_corpus(calib_data)
     model, tok, _ = load_model(model_name, device="cpu")
     validate(model, cfg)
     tokens = tokenize_split(tok, calib_data, "calib")
