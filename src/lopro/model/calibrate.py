@@ -13,15 +13,19 @@ class _Accumulator:
         self.xtx = torch.zeros(n, n, dtype=dtype, device=device)
         self.abssum = torch.zeros(n, dtype=dtype, device=device)
         self.tokens = 0
+        self.weight = 0.0  # sum of token weights (= tokens when unweighted)
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, w: torch.Tensor | None = None) -> None:
+        """w: optional per-token weights (MoE routing weights, see moe.py's moe_weighted_hessian)."""
         x = x.reshape(-1, x.shape[-1]).to(self.xtx.dtype)
-        self.xtx.addmm_(x.T, x)
-        self.abssum += x.abs().sum(0)
+        xw = x if w is None else x * w.reshape(-1, 1).to(x.dtype)
+        self.xtx.addmm_(xw.T, x)
+        self.abssum += xw.abs().sum(0)
         self.tokens += x.shape[0]
+        self.weight += x.shape[0] if w is None else float(w.sum())
 
     def finish(self) -> LayerStats:
-        N = max(self.tokens, 1)
+        N = self.weight if self.weight > 0 else 1
         return LayerStats(H=self.xtx * (2.0 / N), absmean=self.abssum / N, tokens=self.tokens)
 
 
@@ -69,7 +73,7 @@ class StatsCollector:
             if key == name:
                 if key not in self.acc:
                     self.acc[key] = _Accumulator(x.shape[-1], self.dtype, x.device)
-                self.acc[key].add(x.detach())
+                self.acc[key].add(x.detach(), getattr(_mod, "calib_token_weights", None))
                 self._batch_inputs.append((x, key))
             self._called.add(name)
             if self.stop_after and self.stop_after <= self._called:

@@ -6,7 +6,6 @@ Each block's outputs (from the *quantized* block by default) feed the next block
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,9 @@ from ..config import QuantConfig
 from ..methods import NEEDS_HESSIAN, get_method
 from ..methods.base import LayerResult, LayerStats
 from .calibrate import StatsCollector
+from .memory import PeakMemory
+from .moe import (DEFAULT_MIN_EXPERT_SHARE, expert_stages, find_fused_experts, refuse_experts, starved_experts,
+                  unfuse_experts, weight_only_stats)
 from .walk import StopForward, block_output, capture_block_inputs, check_finite, find_blocks, find_linears, to_device
 
 log = logging.getLogger(__name__)
@@ -42,12 +44,6 @@ def proxy_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> tuple[f
     return loss, (loss / ref) ** 0.5 if ref > 0 else float("nan")
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # process peak RSS
-
-
 def validate(model, config: QuantConfig) -> None:
     """Every check that can fail, before anything is computed or written."""
     config.validate()
@@ -56,6 +52,8 @@ def validate(model, config: QuantConfig) -> None:
     for i, block in enumerate(blocks):
         for name, lin in find_linears(block).items():
             config.check_width(lin.in_features, f"block {i} {name}")
+        for name, lay in find_fused_experts(block).items():  # raises on fused experts lopro cannot unfuse
+            config.check_width(min(lay.hidden, lay.inter), f"block {i} {name}")
 
 
 def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, batch_size: int = 8,
@@ -69,46 +67,50 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
     stats_cache: with propagate="fp", a folder where the fp model's statistics are reused across runs.
     """
     validate(model, config)
+    unfuse_experts(model, bool(config.options.get("moe_weighted_hessian", False)))  # experts as nn.Linear
     method = get_method(config.method)
     if calibration is None and NEEDS_HESSIAN[config.method]:
         raise ValueError(f"method {config.method!r} needs calibration data")
     model_device = next(model.parameters()).device
     device = torch.device(device) if device is not None else model_device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    on_layer = on_layer or _replace_weight
-    _, blocks = find_blocks(model)
-    report = QuantReport(config.to_dict())
-    t_start = time.perf_counter()
+    with PeakMemory(device) as mem:
+        on_layer = on_layer or _replace_weight
+        _, blocks = find_blocks(model)
+        report = QuantReport(config.to_dict())
+        t_start = time.perf_counter()
 
-    inputs = None
-    cache = _StatsCache(stats_cache) if stats_cache and config.propagate == "fp" else None
-    if calibration is not None and not (cache and cache.complete(len(blocks))):
-        batches = calibration.split(batch_size)
-        inputs = capture_block_inputs(model, blocks[0], batches)
+        inputs = None
+        cache = _StatsCache(stats_cache) if stats_cache and config.propagate == "fp" else None
+        if calibration is not None and not (cache and cache.complete(len(blocks))):
+            batches = calibration.split(batch_size)
+            inputs = capture_block_inputs(model, blocks[0], batches)
 
-    bar = tqdm(list(enumerate(blocks)), desc=f"{config.method} W{config.bits}", disable=not progress, unit="block")
-    for i, block in bar:
-        home = next(block.parameters()).device
-        block.to(device)
-        linears = find_linears(block)
-        if calibration is None:
-            stats, groups = {}, [[n] for n in linears]
-        elif cache and cache.complete(len(blocks)):
-            stats, groups = cache.load(i)
-        else:
-            stats, groups, inputs = _calibrate_block(block, linears, inputs, device, config, method, on_layer, i,
-                                                     report)
-            if cache:
-                cache.save(i, stats, groups, last=i == len(blocks) - 1)
-        done = {r["name"] for r in report.layers if r["block"] == i}  # true-sequential quantizes while calibrating
-        for name in (n for group in groups for n in group if n not in done):
-            _quantize_layer(i, name, linears[name], stats.get(name), config, method, on_layer, report)
-        if inputs is not None and config.propagate == "quantized":
-            inputs = _forward(block, inputs, device)
-        block.to(home)
-        bar.set_postfix(bits=f"{_mean_bits(report):.3f}")
-    report.summary = _summarise(report, time.perf_counter() - t_start, device, calibration)
+        bar = tqdm(list(enumerate(blocks)), desc=f"{config.method} W{config.bits}", disable=not progress, unit="block")
+        for i, block in bar:
+            home = next(block.parameters()).device
+            block.to(device)
+            linears = find_linears(block)
+            if calibration is None:
+                stats, groups = {}, [[n] for n in linears]
+            elif cache and cache.complete(len(blocks)):
+                stats, groups = cache.load(i)
+            else:
+                stats, groups, inputs = _calibrate_block(block, linears, inputs, device, config, method, on_layer, i,
+                                                         report)
+                if cache:
+                    cache.save(i, stats, groups, last=i == len(blocks) - 1)
+            groups = expert_stages(groups, linears)  # adds layers no calibration token reached
+            starved = _starved(linears, stats, config) if calibration is not None else {}
+            done = {r["name"] for r in report.layers if r["block"] == i}  # true-sequential quantizes while calibrating
+            for name in (n for group in groups for n in group if n not in done):
+                _quantize_layer(i, name, linears[name], stats.get(name), config, method, on_layer, report,
+                                starved.get(name))
+            if inputs is not None and config.propagate == "quantized":
+                inputs = _forward(block, inputs, device)
+            block.to(home)
+            bar.set_postfix(bits=f"{_mean_bits(report):.3f}")
+    refuse_experts(model)  # back to the fused layout unless experts were packed
+    report.summary = _summarise(report, time.perf_counter() - t_start, device, calibration, mem.peak)
     return model, report
 
 
@@ -122,15 +124,18 @@ def _calibrate_block(block, linears, inputs, device, config, method, on_layer, i
     if config.propagate == "fp" or not config.true_sequential:
         stats, groups, outputs = _collect(block, linears, inputs, device, dtype, keep_outputs=config.propagate == "fp")
         return stats, groups, outputs if config.propagate == "fp" else inputs
-    # discover call order and shared inputs on the first batch only
+    # discover call order and shared inputs on the first batch only (one stage per expert matrix)
     _, groups, _ = _collect(block, linears, inputs[:1], device, dtype)
+    groups = expert_stages(groups, linears)
     stats: dict[str, LayerStats] = {}
     for group in groups:
         members = {n: linears[n] for n in group}
         got, _, _ = _collect(block, members, inputs, device, dtype, stop_after=group)
         stats.update(got)
+        starved = _starved(group, stats, config)
         for name in group:
-            _quantize_layer(i, name, linears[name], stats[name], config, method, on_layer, report)
+            _quantize_layer(i, name, linears[name], stats.get(name), config, method, on_layer, report,
+                            starved.get(name))
     return stats, groups, inputs
 
 
@@ -153,17 +158,26 @@ def _forward(block, inputs, device):
         return [(block_output(block(h.to(device), **to_device(kw, device))).cpu(), kw) for h, kw in inputs]
 
 
-def _quantize_layer(i, name, module, stats, config, method, on_layer, report) -> None:
+def _starved(names, stats, config) -> dict[str, str]:
+    return starved_experts(names, stats, config.options.get("min_expert_tokens_share", DEFAULT_MIN_EXPERT_SHARE))
+
+
+def _quantize_layer(i, name, module, stats, config, method, on_layer, report, starved: str | None = None) -> None:
+    """`starved`: why this expert is quantized without its Hessian (moe.starved_experts), if it is."""
     W = module.weight.detach().float()
+    fallback = starved is not None or (stats is None and NEEDS_HESSIAN[config.method])
+    if fallback:
+        log.warning("block %d %s: %s; quantized weight-only (%s with H = I, no calibration statistics)", i, name,
+                    starved or "no calibration token reached this layer", config.method)
     t0 = time.perf_counter()
-    result: LayerResult = method(W, stats, config)
+    result: LayerResult = method(W, weight_only_stats(W.shape[1], W.device) if fallback else stats, config)
     seconds = time.perf_counter() - t0
     if not torch.isfinite(result.weight).all():
         raise FloatingPointError(f"block {i} {name}: {config.method} produced NaN/inf weights")
     loss, rel = proxy_loss(W, result.weight, stats.H) if stats is not None else (float("nan"), float("nan"))
     row = {"block": i, "name": name, "shape": list(W.shape), "effective_bits": result.effective_bits(),
            "proxy_loss": loss, "rel_output_error": rel, "seconds": seconds,
-           "tokens": stats.tokens if stats is not None else 0, **result.info}
+           "tokens": stats.tokens if stats is not None else 0, "fallback": fallback, **result.info}
     report.layers.append(row)
     log.info("block %d %-24s bits=%.3f loss=%.4g rel_err=%.4f %.2fs", i, name, row["effective_bits"], loss, rel,
              seconds)
@@ -180,7 +194,7 @@ def _mean_bits(report: QuantReport) -> float:
     return num / den if den else float("nan")
 
 
-def _summarise(report, seconds, device, calibration) -> dict:
+def _summarise(report, seconds, device, calibration, peak_bytes: int) -> dict:
     from ..data.windows import fingerprint
 
     return {
@@ -189,7 +203,7 @@ def _summarise(report, seconds, device, calibration) -> dict:
         "layers": len(report.layers),
         "quantized_params": sum(r["shape"][0] * r["shape"][1] for r in report.layers),
         "quant_seconds": seconds, "solve_seconds": sum(r["seconds"] for r in report.layers),
-        "peak_memory_bytes": peak_memory_bytes(device), "device": str(device),
+        "peak_memory_bytes": peak_bytes, "device": str(device),
         "calibration": None if calibration is None else {
             "nsamples": calibration.shape[0], "seqlen": calibration.shape[1],
             "sha256": fingerprint(calibration)},

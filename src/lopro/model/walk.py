@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 # Linear layers that must stay in full precision (MoE routers), matched on the last name component.
-SKIP_LINEAR_NAMES = ("gate", "router")
+# transformers 5.x routers are mostly custom modules (MixtralTopKRouter ...), never found as nn.Linear;
+# these names catch the linear ones (Mixtral 4.x / OLMoE `gate`, Qwen2-MoE `shared_expert_gate`).
+SKIP_LINEAR_NAMES = ("gate", "router", "shared_expert_gate")
 
 
 class UnsupportedModelError(ValueError):
