@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     q.add_argument("--out", required=True)
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    q.add_argument("--fp-dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                   help="storage of the unquantized tensors (embeddings, norms); auto = narrowest exact dtype")
     q.add_argument("--fake", action="store_true",
                    help="write the fake-quantized fp model (dense dequantized weights) instead of the packed checkpoint")
     q.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
@@ -166,7 +168,8 @@ def cmd_quantize(a) -> dict:
     cfg = config_from_args(a)
     summary = quantize_to_folder(a.model, cfg, a.out, calib_data=a.calib_data, nsamples=a.nsamples,
                                  seqlen=a.seqlen, batch_size=a.batch_size, device=a.device,
-                                 overwrite=a.overwrite, stats_cache=a.stats_cache, packed=not a.fake)
+                                 overwrite=a.overwrite, stats_cache=a.stats_cache, packed=not a.fake,
+                                 fp_dtype=a.fp_dtype)
     log.warning("wrote %s: effective bits %.3f, %.1f s", a.out, summary["effective_bits"], summary["quant_seconds"])
     return summary
 
@@ -212,7 +215,7 @@ def cmd_info(a) -> dict:
 
 def _print_info(info: dict) -> None:
     mib = 1024**2
-    lines = [f"{info['folder']}: lopro {info['method']} W{info['bits']} g{info['group_size']}"
+    lines = [f"{info['folder']}: packed {info['method']} W{info['bits']} g{info['group_size']}"
              + (f" rank {info['rank']} {info['rank_dtype']}" if info.get("rank") else ""),
              f"  effective bits   {info['effective_bits']:.4f} (stored bytes x 8 / quantized params)",
              f"  quantized        {info['quantized_layers']} layers, {info['quantized_params']:,} params, "

@@ -1,6 +1,7 @@
 """Packed checkpoints: pack -> save -> load round trips, refusal of damaged folders, atomic writes, sizes."""
 import copy
 import json
+import os
 import struct
 
 import pytest
@@ -65,6 +66,8 @@ def test_config_files_and_provenance(saved):
     out, model, _fake, cfg, report = saved
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json",
                                                      "model.safetensors", "report.json"]
+    assert out.stat().st_mode & 0o055 == 0o055 or os.umask(os.umask(0)) & 0o055  # readable by others
+    assert (out / "model.safetensors").stat().st_mode & 0o044 == 0o044 or os.umask(os.umask(0)) & 0o044
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "lopro" and qc["method"] == "lopro" and qc["bits"] == 2
     assert qc["rank"] == 4 and qc["rank_dtype"] == "fp8" and qc["block_hadamard"] == 16
@@ -232,3 +235,38 @@ def test_header_parser_rejects_garbage(tmp_path):
     bad.write_bytes(struct.pack("<Q", 5) + b"{nope")
     with pytest.raises(ck.CheckpointError, match="corrupt"):
         ck.read_safetensors_header(bad)
+
+
+# --------------------------------------------------------------------------- real model, whole CLI path
+
+@pytest.mark.real
+def test_cli_quantize_info_generate_eval_on_cut_smollm2(smollm2_path, tmp_path, capsys):
+    """SmolLM2 cut to one block: `lopro quantize` writes a packed folder that info/generate/eval use."""
+    from torch import nn
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lopro.cli import main
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
+    model.model.layers = nn.ModuleList(model.model.layers[:1])
+    model.config.num_hidden_layers = 1
+    model.save_pretrained(tmp_path / "cut")
+    AutoTokenizer.from_pretrained(smollm2_path).save_pretrained(tmp_path / "cut")
+    from lopro.data.corpora import load_corpus
+
+    text = tmp_path / "text.txt"  # a small corpus: tokenizing the whole built-in one takes longer than the rest
+    text.write_text(load_corpus("wiki").split("eval")[:40_000])
+    out = tmp_path / "packed"
+    assert main(["quantize", "--model", str(tmp_path / "cut"), "--method", "lopro", "--bits", "3",
+                 "--group-size", "64", "--nsamples", "4", "--seqlen", "64", "--device", "cpu",
+                 "--calib-data", str(text), "--out", str(out)]) == 0
+    info = ck.checkpoint_info(out)
+    assert info["quantized_layers"] == 7 and 3 < info["effective_bits"] < 4.5
+    assert (out / "tokenizer.json").exists() and (out / "report.json").exists()
+    assert main(["info", str(out)]) == 0
+    assert main(["generate", "--model", str(out), "--prompt", "The capital of France is",
+                 "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    assert main(["eval", "--model", str(out), "--data", str(text), "--seqlen", "64", "--windows", "2",
+                 "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "The capital of France is" in text and "ppl=" in text

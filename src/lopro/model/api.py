@@ -45,9 +45,11 @@ def write_folder_atomically(out: Path, write) -> None:
 
 
 def quantize_to_folder(model_name: str, cfg: QuantConfig, out, *, calib_data="wiki", nsamples=128, seqlen=512,
-                       batch_size=8, device=None, overwrite=False, stats_cache=None, packed=True) -> dict:
-    """Quantize and write `out`: a packed lopro checkpoint (default), or with `packed=False` the
-    fake-quantized fp model (dense dequantized weights, loadable by plain transformers)."""
+                       batch_size=8, device=None, overwrite=False, stats_cache=None, packed=True,
+                       fp_dtype="auto") -> dict:
+    """Quantize and write `out`: a packed lopro checkpoint (default; `fp_dtype` stores its unquantized
+    tensors, see checkpoint.save_quantized), or with `packed=False` the fake-quantized fp model
+    (dense dequantized weights, loadable by plain transformers)."""
     out = check_out_folder(out, overwrite)
     resolve_model_path(model_name)  # fail fast on a bad name or corpus before loading anything
     load_corpus(calib_data)
@@ -72,7 +74,7 @@ def quantize_to_folder(model_name: str, cfg: QuantConfig, out, *, calib_data="wi
         if packed:
             from .checkpoint import save_quantized
 
-            save_quantized(model, folder, config=cfg, report=report, tokenizer=tok)
+            save_quantized(model, folder, config=cfg, report=report, tokenizer=tok, fp_dtype=fp_dtype)
             return
         model.save_pretrained(folder)
         tok.save_pretrained(folder)

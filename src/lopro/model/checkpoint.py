@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import struct
 from pathlib import Path
 from typing import Any, Iterator
@@ -215,7 +216,18 @@ def save_quantized(model: nn.Module, folder: str | Path, *, config=None, report=
     if report is not None:
         body = report.to_dict() if hasattr(report, "to_dict") else report
         (folder / "report.json").write_text(json.dumps(body, indent=1, default=str))
+    _shareable(folder)
     return qc
+
+
+def _shareable(folder: Path) -> None:
+    """Ordinary permissions (umask applied): temporary folders and files are created owner-only."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def save(model: nn.Module, out: str | Path, *, overwrite: bool = False, **kwargs) -> dict:
