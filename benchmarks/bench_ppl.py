@@ -42,7 +42,7 @@ def ladder():
     for bits in (2, 3):
         configs += [q(m, bits, 64, rank=16, rank_dtype="fp8") for m in LADDER]
         # equal-effective-bits neighbours: rank 16 fp8 costs ~0.5 bits on 576-wide layers
-        configs += [q("gptq", bits, 32), q("gptq", bits, 16)]
+        configs += [q("gptq", bits, 32)]
     configs += [q("gptq", 3, 64)]  # "3-bit accuracy from 2-bit weights": LoPRo W2 next to GPTQ W3
     return configs
 
@@ -55,7 +55,12 @@ def vq():
     return configs
 
 
-SUITES = {"foundation": foundation, "ladder": ladder, "vq": vq}
+def default_mode():
+    """GPTQ and LoPRo as `lopro quantize` runs them by default (quantized propagation, true-sequential)."""
+    return [q("gptq", 3, 64), q("gptq", 2, 64), q("lopro", 2, 64, rank=16)]
+
+
+SUITES = {"foundation": foundation, "ladder": ladder, "vq": vq, "default-mode": default_mode}
 
 
 def main(argv=None):
