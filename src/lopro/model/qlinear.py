@@ -257,7 +257,7 @@ class QuantLinear(nn.Module):
         """W_r = U diag(S) V diag(alpha)^-1 ([m, n]) or None."""
         if self.spec["lowrank"] is None:
             return None
-        w = (self.lr_U.to(torch.float32) * self.lr_S.to(torch.float32)) @ self.lr_V.to(torch.float32)
+        w = (_widen(self.lr_U, torch.float32) * self.lr_S.to(torch.float32)) @ _widen(self.lr_V, torch.float32)
         if self.spec["alpha"]:
             w = w / self.alpha.to(torch.float32)
         return w.to(dtype)
@@ -332,12 +332,19 @@ class QuantLinear(nn.Module):
         if self.spec["lowrank"] is None:
             return y
         dtype = x2.dtype
-        V = self.lr_V.to(dtype)
-        if self.spec["alpha"]:  # fold 1/alpha into V: r x n work instead of tokens x n
-            V = V / self.alpha.to(dtype)
-        US = self.lr_U.to(dtype) * self.lr_S.to(dtype)
+        tokens, r = x2.shape[0], self.spec["lowrank"]["rank"]
+        V, U, S = _widen(self.lr_V, dtype), _widen(self.lr_U, dtype), self.lr_S.to(dtype)
+        if self.spec["alpha"]:  # 1/alpha on whichever is smaller: the input (tokens x n) or V (r x n)
+            if tokens <= r:
+                x2 = x2 / self.alpha.to(dtype)
+            else:
+                V = V / self.alpha.to(dtype)
         t = F.linear(x2, V)
-        return F.linear(t, US) if y is None else y.addmm_(t, US.T)
+        if tokens <= self.out_features:  # S on t (tokens x r) or on U (m x r)
+            t = t.mul_(S)
+        else:
+            U = U * S
+        return F.linear(t, U) if y is None else y.addmm_(t, U.T)
 
     # ------------------------------------------------------------------ misc
 
@@ -378,6 +385,20 @@ class QuantLinear(nn.Module):
             parts.append(f"rotation={self.rotation.block_identity}/{self.rotation.block_hadamard}")
         parts.append(f"bias={self.spec['bias']}")
         return ", ".join(parts)
+
+
+@functools.lru_cache(maxsize=16)
+def _fp8_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The 256 float8_e4m3fn values in `dtype`, indexed by their bit pattern."""
+    return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(dtype).to(device)
+
+
+def _widen(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t.to(dtype)`; fp8 on the CPU by table lookup (several times faster than PyTorch's cast there)."""
+    if t.dtype != torch.float8_e4m3fn or t.device.type != "cpu":
+        return t.to(dtype)
+    codes = t.view(torch.uint8).reshape(-1).to(torch.int32)
+    return _fp8_table(dtype, t.device).index_select(0, codes).view(t.shape)
 
 
 def _check_spec(spec: dict) -> dict:
