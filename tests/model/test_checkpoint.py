@@ -51,7 +51,7 @@ def saved(tmp_path_factory):
     return out, model, fake, cfg, report
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq", "lopro"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "lopro", "lopro-v", "flrq"])
 def test_round_trip_logits_match_fake_quantized(tmp_path, method):
     model, fake, cfg, report = packed_and_fake(method)
     assert all(isinstance(model.get_submodule(n), QuantLinear) for n in ck.quant_linear_specs(model))

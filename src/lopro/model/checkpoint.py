@@ -119,13 +119,14 @@ def _tied_aliases(model: nn.Module) -> set[str]:
     seen: dict[tuple, str] = {}
     out = set()
     for name, t in model.state_dict(keep_vars=True).items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.device.type != \
-            "meta" else None
-        if key is not None and key in seen:
+        if t.device.type == "meta" or t.numel() == 0:  # empty tensors (rank 0 factors) share no data
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if key in seen:
             if name not in tied and seen[key] not in tied:
                 raise ValueError(f"tensors {seen[key]} and {name} share memory but are not declared tied")
             out.add(name if name in tied else seen[key])
-        elif key is not None:
+        else:
             seen[key] = name
     return out
 
