@@ -122,10 +122,11 @@ def test_flrq_grid_codes_and_clip_search(bits):
     plain = quantize_clipped(R, bits, 32, "flrq", clip=False)
     qmax = 2 ** (bits - 1) - 1
     assert plain.sym and plain.codes.min() >= 1 and plain.codes.max() <= 2 ** bits - 1
-    # unclipped: scale = amax / (2^(d-1) - 1), so the group's largest entry is exact
+    # unclipped: scale = amax / (2^(d-1) - 1) (stored in fp16), so the group's largest entry is exact
+    # up to that rounding
     amax = R[:, :32].abs().amax(1)
-    torch.testing.assert_close(plain.scale[:, 0], amax / qmax)
-    assert torch.allclose(plain.dequantize().abs()[:, :32].amax(1), amax)
+    torch.testing.assert_close(plain.scale[:, 0], (amax / qmax).half().float())
+    assert torch.allclose(plain.dequantize().abs()[:, :32].amax(1), amax, rtol=1e-3)
     clipped = quantize_clipped(R, bits, 32, "flrq", clip=True, weight=h)
     err = lambda q: ((q.dequantize() - R).pow(2) * h).reshape(16, 3, 32).sum(-1)  # noqa: E731
     assert (err(clipped) <= err(plain) + 1e-6).all() and err(clipped).sum() < err(plain).sum()

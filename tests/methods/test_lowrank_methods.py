@@ -62,7 +62,7 @@ def test_permutation_puts_salient_columns_first_and_rotation_is_orthogonal():
 
 def test_alpha_is_geometric_mean_normalised():
     a = input_scaling(torch.tensor([1e-6, 0.5, 2.0, 8.0]))
-    assert torch.isclose(a.min() * a.max(), torch.tensor(1.0))
+    assert torch.isclose(a.min() * a.max(), torch.tensor(1.0), rtol=1e-3)  # fp16-stored
     assert a[0] > 0
 
 

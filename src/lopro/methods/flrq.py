@@ -41,7 +41,7 @@ from ..linalg import LowRank, lowrank
 from ..linalg.flr import factor_bits, flexible_rank
 from ..quant.bits import SCALE_BITS, index_bits, lowrank_bits, num_groups, scalar_bits
 from ..quant.gptq import gptq_quantize
-from ..quant.grid import CLIP_GRID, Grid, group_bounds, params_from_range
+from ..quant.grid import CLIP_GRID, Grid, group_bounds, params_from_range, to_storage
 from ..quant.rtn import ScalarQuant
 from . import register
 from .base import LayerResult
@@ -214,7 +214,7 @@ def _group_params(w: torch.Tensor, bits: int, grid: str, p: float):
     if grid == "flrq":
         qmax = 2 ** (bits - 1) - 1
         amax = w.abs().amax(dim=1) * p
-        scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+        scale = to_storage(torch.where(amax > 0, amax / qmax, torch.ones_like(amax)))
         zero = 2.0 ** (bits - 1)
         return scale, torch.full_like(scale, zero), zero - qmax, zero + qmax
     xmin = w.min(dim=1).values.clamp(max=0) * p

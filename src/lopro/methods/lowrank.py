@@ -22,7 +22,7 @@ ALPHA_FLOOR = 1e-4
 def input_scaling(absmean: torch.Tensor) -> torch.Tensor:
     """alpha_j = s_j / sqrt(min s * max s), s_j = mean_t |x_tj| clamped at 1e-4 (spec default)."""
     s = absmean.float().clamp_min(ALPHA_FLOOR)
-    return s / torch.sqrt(s.min() * s.max())
+    return (s / torch.sqrt(s.min() * s.max())).to(torch.float16).float()  # stored in fp16
 
 
 def scaled_lowrank(W: torch.Tensor, alpha: torch.Tensor, cfg):

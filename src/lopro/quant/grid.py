@@ -24,6 +24,11 @@ class Grid:
         return 2 ** self.bits - 1
 
 
+def to_storage(scale: torch.Tensor) -> torch.Tensor:
+    """Scales are stored in fp16: quantize with the stored value so packed == fake-quantized."""
+    return scale.to(torch.float16).float()
+
+
 def params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, grid: Grid):
     """Scale and zero (both [rows]) covering [xmin, xmax], which must bracket 0."""
     if grid.sym:
@@ -32,6 +37,7 @@ def params_from_range(xmin: torch.Tensor, xmax: torch.Tensor, grid: Grid):
     span = xmax - xmin
     flat = span <= 0
     scale = torch.where(flat, torch.ones_like(span), span / grid.maxq)
+    scale = to_storage(scale)
     if grid.sym:
         zero = torch.full_like(scale, (grid.maxq + 1) / 2)
     else:
