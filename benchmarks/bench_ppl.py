@@ -60,6 +60,27 @@ def default_mode():
     return [q("gptq", 3, 64), q("gptq", 2, 64), q("lopro", 2, 64, rank=16)]
 
 
+def merged_results(grid: Grid, root: Path, propagate: str) -> list[dict]:
+    """The suite's entries, found in any results folder under `root` (same keys as run_grid)."""
+    from lopro.compare import entry_key
+    from lopro.data.windows import calibration_windows, fingerprint, tokenize_split
+    from lopro.model.loading import load_model
+
+    _, tok, _ = load_model(grid.model, device="cpu")
+    sha = fingerprint(calibration_windows(tokenize_split(tok, grid.calib_data, "calib"), grid.nsamples,
+                                          grid.seqlen, grid.seed))
+    entries = {}
+    for path in root.glob("smollm2*/results.json"):
+        entries.update(json.loads(path.read_text())["entries"])
+    out = []
+    for cfg in grid.configs:
+        d = {"method": FP} if cfg == FP else {**cfg.to_dict(), "propagate": propagate}
+        key = entry_key(grid, d, sha)
+        if key in entries:
+            out.append(entries[key])
+    return out
+
+
 SUITES = {"foundation": foundation, "ladder": ladder, "vq": vq, "default-mode": default_mode}
 
 
@@ -73,14 +94,29 @@ def main(argv=None):
     p.add_argument("--propagate", default="fp", choices=["fp", "quantized"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="run every N-th configuration from the K-th (0-based) in its own results folder, "
+                        "so N processes can share the machine; --table merges them")
+    p.add_argument("--skip-suite", default=None, help="leave out the configurations of this suite")
+    p.add_argument("--table", action="store_true", help="print the suite's table from all result folders")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if a.threads:
         torch.set_num_threads(a.threads)
-    grid = Grid(model=a.model, configs=SUITES[a.suite](), nsamples=a.nsamples, seqlen=a.seqlen,
-                eval_windows=a.windows)
-    out = Path(a.out or Path(__file__).parent / "results" / "smollm2")
-    results = run_grid(grid, out, propagate=a.propagate, table_name=a.suite)
+    configs = SUITES[a.suite]()
+    if a.skip_suite:
+        skip = SUITES[a.skip_suite]()
+        configs = [c for c in configs if c not in skip]
+    if a.shard:
+        k, n = (int(x) for x in a.shard.split("/"))
+        configs = configs[k::n]
+    grid = Grid(model=a.model, configs=configs, nsamples=a.nsamples, seqlen=a.seqlen, eval_windows=a.windows)
+    root = Path(__file__).parent / "results"
+    out = Path(a.out or root / ("smollm2" + (f"-shard{a.shard.replace('/', 'of')}" if a.shard else "")))
+    if a.table:
+        results = merged_results(grid, root, a.propagate)
+    else:
+        results = run_grid(grid, out, propagate=a.propagate, table_name=a.suite)
     table = markdown_table(results, grid)
     sys.stdout.write(table)
     (out / f"{a.suite}.json").write_text(json.dumps(
