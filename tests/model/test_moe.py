@@ -90,6 +90,42 @@ def test_transposed_interleaved_biased_layout():
         assert holder.experts is mod and torch.allclose(mod(x, idx, w), ref, atol=1e-6)
 
 
+def test_ungated_layout():
+    """Experts without a gate (up_proj [E, I, H], activation, down_proj), through transformers' decorator."""
+    from transformers.activations import ACT2FN
+    from transformers.integrations.moe import use_experts_implementation
+
+    @use_experts_implementation(has_gate=False)
+    class Plain(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.num_experts = 3
+            self.up_proj = nn.Parameter(torch.randn(3, 20, 8))
+            self.down_proj = nn.Parameter(torch.randn(3, 8, 20))
+            self.act_fn = ACT2FN["relu2"]
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            out = torch.zeros_like(hidden_states)
+            for e in range(self.num_experts):
+                tok, pos = torch.where(top_k_index == e)
+                y = self.act_fn(hidden_states[tok] @ self.up_proj[e].T) @ self.down_proj[e].T
+                out.index_add_(0, tok, y * top_k_weights[tok, pos, None])
+            return out
+
+    from transformers import PretrainedConfig
+
+    holder = nn.Module()
+    holder.experts = Plain(PretrainedConfig())
+    x, idx, w = torch.randn(6, 8), torch.tensor([[0, 1], [2, 0], [1, 2], [0, 2], [1, 0], [2, 1]]), torch.rand(6, 2)
+    with torch.no_grad():
+        ref = holder.experts(x, idx, w)
+        unfuse_experts(holder)
+        assert holder.experts.expert(0).gate_proj is None
+        assert torch.allclose(holder.experts(x, idx, w), ref, atol=1e-5)
+        refuse_experts(holder)
+        assert holder.experts.up_proj.shape == (3, 20, 8) and torch.allclose(holder.experts(x, idx, w), ref, atol=1e-5)
+
+
 def test_unknown_fused_experts_are_refused_loudly():
     class Odd(nn.Module):
         def __init__(self):

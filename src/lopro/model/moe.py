@@ -139,18 +139,13 @@ class UnfusedExperts(nn.Module):
         if leftover or fused._buffers:
             raise UnsupportedModelError(f"{type(fused).__name__}: tensors {leftover + list(fused._buffers)} next "
                                         "to the fused experts; lopro does not know what they do")
-        grad = U.requires_grad
-        for e in range(L.num_experts):
-            u = (U[e].T if L.transposed else U[e]).detach()  # [(2)I, H], a view where the layout allows
+        grad, rows = U.requires_grad, _gate_up_rows(L)
+        for e in range(L.num_experts):  # views of the fused tensors (no copy)
+            u = (U[e].T if L.transposed else U[e]).detach()  # [(2)I, H]
             d = (D[e].T if L.transposed else D[e]).detach()
             ub = Ub[e].detach() if Ub is not None else None
-            if L.gated:
-                rows = (slice(0, L.inter), slice(L.inter, 2 * L.inter)) if L.concatenated else \
-                    (slice(0, None, 2), slice(1, None, 2))
-                gate = _linear(u[rows[0]], ub[rows[0]] if ub is not None else None, grad)
-                up = _linear(u[rows[1]], ub[rows[1]] if ub is not None else None, grad)
-            else:
-                gate, up = None, _linear(u, ub, grad)
+            gate = _linear(u[rows[0]], ub[rows[0]] if ub is not None else None, grad) if L.gated else None
+            up = _linear(u[rows[1]], ub[rows[1]] if ub is not None else None, grad)
             down = _linear(d, Db[e].detach() if Db is not None else None, grad)
             self.add_module(str(e), ExpertMLP(gate, up, down))
         for name in tensors:
@@ -204,37 +199,42 @@ class UnfusedExperts(nn.Module):
             yield from (m for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj) if m is not None)
 
     def refuse(self) -> nn.Module:
-        """The original module with its fused tensors rebuilt from the current expert weights."""
+        """The original module with its fused tensors rebuilt from the current expert weights
+        (written expert by expert into one new tensor each: one block's experts of extra memory)."""
         L, fused = self.layout, self._fused
-        ups, downs, ub, db = [], [], [], []
+        rows = _gate_up_rows(L)
+        w0 = self.expert(0).down_proj.weight
+        U = w0.new_empty(L.num_experts, (2 if L.gated else 1) * L.inter, L.hidden)
+        D = w0.new_empty(L.num_experts, L.hidden, L.inter)
+        Ub, Db = (w0.new_empty(U.shape[:2]), w0.new_empty(D.shape[:2])) if L.bias else (None, None)
         for e in range(L.num_experts):
             mlp = self.expert(e)
-            if L.gated:
-                g, u = mlp.gate_proj, mlp.up_proj
-                cat = torch.cat if L.concatenated else (lambda t, dim: torch.stack(t, dim + 1).flatten(dim, dim + 1))
-                ups.append(cat([g.weight.data, u.weight.data], 0))
-                if L.bias:
-                    ub.append(cat([g.bias.data, u.bias.data], 0))
-            else:
-                ups.append(mlp.up_proj.weight.data)
-                if L.bias:
-                    ub.append(mlp.up_proj.bias.data)
-            downs.append(mlp.down_proj.weight.data)
+            for lin, r in ((mlp.gate_proj, rows[0]), (mlp.up_proj, rows[1])):
+                if lin is not None:
+                    U[e, r] = lin.weight.data
+                    if L.bias:
+                        Ub[e, r] = lin.bias.data
+            D[e] = mlp.down_proj.weight.data
             if L.bias:
-                db.append(mlp.down_proj.bias.data)
-        grad = mlp.down_proj.weight.requires_grad
-        U, D = torch.stack(ups), torch.stack(downs)
+                Db[e] = mlp.down_proj.bias.data
         if L.transposed:
             U, D = U.transpose(1, 2).contiguous(), D.transpose(1, 2).contiguous()
-        fused.register_parameter(L.up, nn.Parameter(U, requires_grad=grad))
-        fused.register_parameter(L.down, nn.Parameter(D, requires_grad=grad))
-        if L.bias:
-            fused.register_parameter(f"{L.up}_bias", nn.Parameter(torch.stack(ub), requires_grad=grad))
-            fused.register_parameter(f"{L.down}_bias", nn.Parameter(torch.stack(db), requires_grad=grad))
+        for name, t in ((L.up, U), (L.down, D), (f"{L.up}_bias", Ub), (f"{L.down}_bias", Db)):
+            if t is not None:
+                fused.register_parameter(name, nn.Parameter(t, requires_grad=w0.requires_grad))
         for name, child in self.named_children():  # children may have moved device with this module
             if not name.isdigit():
                 setattr(fused, name, child)
         return fused
+
+
+def _gate_up_rows(L: FusedLayout) -> tuple[slice | None, slice]:
+    """Rows of the fused up tensor holding (gate, up): [gate; up], interleaved, or (None, all) ungated."""
+    if not L.gated:
+        return None, slice(None)
+    if L.concatenated:
+        return slice(0, L.inter), slice(L.inter, 2 * L.inter)
+    return slice(0, None, 2), slice(1, None, 2)
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -265,12 +265,10 @@ def unfuse_experts(model: nn.Module, weighted_hessian: bool = False) -> list[str
 def refuse_experts(model: nn.Module) -> list[str]:
     """Put the original fused modules back wherever every expert matrix is still an nn.Linear
     (fake quantization); packed experts (QuantLinear) stay unfused. Returns the refused names."""
-    done = []
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, UnfusedExperts) and mod.is_plain():
-            parent, attr = _parent(model, name)
-            setattr(parent, attr, mod.refuse())
-            done.append(name)
+    done = [name for name, mod in model.named_modules() if isinstance(mod, UnfusedExperts) and mod.is_plain()]
+    for name in done:  # by name, holding no module: each old storage is freed as soon as it is replaced
+        parent, attr = _parent(model, name)
+        setattr(parent, attr, getattr(parent, attr).refuse())
     return done
 
 
