@@ -43,7 +43,7 @@ def ladder():
         configs += [q(m, bits, 64, rank=16, rank_dtype="fp8") for m in LADDER]
         # equal-effective-bits neighbours: rank 16 fp8 costs ~0.5 bits on 576-wide layers
         configs += [q("gptq", bits, 32)]
-    configs += [q("gptq", 3, 64)]  # "3-bit accuracy from 2-bit weights": LoPRo W2 next to GPTQ W3
+    # "3-bit accuracy from 2-bit weights": LoPRo W2 is read against the W3 gptq row above
     return configs
 
 
