@@ -330,6 +330,57 @@ def test_packed_experts_stay_unfused():
     assert out.shape == (1, 12)
 
 
+class LinearExpertsMoE(nn.Module):
+    """A transformers-4.x-style MoE block: router `gate` and `experts` as nn.Linear modules."""
+
+    def __init__(self, hidden=64, inter=96, experts=4, top_k=2, starved=None):
+        super().__init__()
+        self.top_k, self.starved = top_k, starved
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.experts = nn.ModuleList(nn.ModuleDict({"w1": nn.Linear(hidden, inter, bias=False),
+                                                    "w3": nn.Linear(hidden, inter, bias=False),
+                                                    "w2": nn.Linear(inter, hidden, bias=False)}) for _ in range(experts))
+
+    def forward(self, x):
+        shape, x = x.shape, x.reshape(-1, x.shape[-1])
+        logits = self.gate(x)
+        if self.starved is not None:
+            logits[:, self.starved] = float("-inf")
+        w, idx = torch.topk(torch.softmax(logits, -1), self.top_k, -1)
+        w = w / w.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e, ex in enumerate(self.experts):
+            tok, pos = torch.where(idx == e)
+            if len(tok):
+                h = x[tok]
+                y = ex["w2"](torch.nn.functional.silu(ex["w1"](h)) * ex["w3"](h))
+                out.index_add_(0, tok, y * w[tok, pos, None])
+        return out.reshape(shape)
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_linear_experts_are_walked_generically(caplog, true_sequential):
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    torch.manual_seed(1)
+    for layer in model.model.layers:
+        layer.mlp = LinearExpertsMoE(starved=2)
+    fp = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = QuantConfig(method="gptq", bits=3, group_size=16, true_sequential=true_sequential)
+    with caplog.at_level(logging.WARNING, logger="lopro.model.pipeline"):
+        model, report = quantize(model, cfg, calib(), progress=False)
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], fp[k]) for k in fp if "mlp.gate" in k or "norm" in k or "embed" in k)
+    assert all(not torch.equal(sd[k], fp[k]) for k in fp if ".experts." in k)
+    rows = {(r["block"], r["name"]): r for r in report.layers}
+    assert len(rows) == 2 * (4 + 12)
+    for b in range(2):
+        assert sum(rows[(b, f"mlp.experts.{e}.w2")]["tokens"] for e in range(4)) == 4 * 16 * 2
+        assert [rows[(b, f"mlp.experts.{e}.w1")]["fallback"] for e in range(4)] == [False, False, True, False]
+    assert sum("experts.2" in r.getMessage() for r in caplog.records) == 6
+
+
 @pytest.mark.xfail(reason="checkpoint skeletons need moe.unfuse_experts(model) before install_quant_linears "
                           "(qlinear.py / checkpoint.py, not yet wired)", raises=ValueError, strict=False)
 def test_packed_moe_checkpoint_round_trip(tmp_path):
