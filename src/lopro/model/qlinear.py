@@ -621,6 +621,9 @@ def quant_linear_specs(model: nn.Module) -> dict[str, dict]:
 def install_quant_linears(model: nn.Module, specs: dict[str, dict], device: torch.device | str = "meta",
                           compute_dtype: torch.dtype | None = None) -> None:
     """Swap the modules named in `specs` for empty QuantLinear skeletons (before loading tensors)."""
+    from .moe import unfuse_experts  # packed experts live as per-expert modules
+
+    unfuse_experts(model)
     for full_name, spec in specs.items():
         try:
             parent, attr = get_submodule_parent(model, full_name)
