@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bits", default="2,3", help="comma list")
     c.add_argument("--group-size", type=int, default=64)
     c.add_argument("--rank", default="16", help="an integer, or 'auto' for per-layer ranks (R1-FLR)")
-    c.add_argument("--rank-dtype", choices=["fp8", "fp16", "fp32"], default="fp8")
+    c.add_argument("--rank-dtype", choices=["fp8", "fp16", "fp32"], default=None,
+                   help="low-rank factor storage (default: fp16 for flrq, fp8 otherwise)")
     c.add_argument("--data", default="wiki,news", help="evaluation corpora, comma list")
     c.add_argument("--tasks", default="", help="zero-shot tasks, comma list (piqa,arc_easy,...)")
     c.add_argument("--limit", type=int, default=None, help="examples per task (seeded subset)")
@@ -231,6 +232,7 @@ def _print_info(info: dict) -> None:
 def _grid_from_args(a):
     from .compare import FP, Grid
     from .config import QuantConfig
+    from .methods.flrq import DEFAULT_RANK_DTYPE
 
     configs = []
     for method in a.methods.split(","):
@@ -240,7 +242,9 @@ def _grid_from_args(a):
         for bits in (int(b) for b in a.bits.split(",")):
             options = {"rank_mode": "auto"} if a.rank == "auto" else {}
             configs.append(QuantConfig(method=method, bits=bits, group_size=a.group_size,
-                                       rank=16 if a.rank == "auto" else int(a.rank), rank_dtype=a.rank_dtype,
+                                       rank=16 if a.rank == "auto" else int(a.rank),
+                                       rank_dtype=a.rank_dtype or (DEFAULT_RANK_DTYPE if method == "flrq"
+                                                                   else QuantConfig.rank_dtype),
                                        seed=a.seed, options=options))
     return Grid(model=a.model, configs=configs, calib_data=a.calib_data, nsamples=a.nsamples, seqlen=a.seqlen,
                 seed=a.seed, eval_data=tuple(a.data.split(",")), eval_windows=a.windows,
