@@ -81,7 +81,8 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
 
         inputs = None
         cache = _StatsCache(stats_cache) if stats_cache and config.propagate == "fp" else None
-        if calibration is not None and not (cache and cache.complete(len(blocks))):
+        cached = cache is not None and cache.complete(len(blocks))  # every block's fp statistics on disk
+        if calibration is not None and not cached:
             batches = calibration.split(batch_size)
             inputs = capture_block_inputs(model, blocks[0], batches)
 
@@ -92,7 +93,7 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
             linears = find_linears(block)
             if calibration is None:
                 stats, groups = {}, [[n] for n in linears]
-            elif cache and cache.complete(len(blocks)):
+            elif cached:
                 stats, groups = cache.load(i)
             else:
                 stats, groups, inputs = _calibrate_block(block, linears, inputs, device, config, method, on_layer, i,
