@@ -105,6 +105,11 @@ def test_stats_cache_reuses_fp_statistics(tmp_path):
     b, rb = quantize(tiny_llama(), cfg, ids, stats_cache=tmp_path, progress=False)
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+    # other calibration tokens: the cached statistics are not reused but recomputed
+    c, _ = quantize(tiny_llama(), cfg, calib(seed=1), stats_cache=tmp_path, progress=False)
+    d, _ = quantize(tiny_llama(), cfg, calib(seed=1), progress=False)
+    for p, q in zip(c.parameters(), d.parameters()):
+        assert torch.equal(p, q)
 
 
 def test_bad_inputs_fail_before_work():

@@ -80,7 +80,8 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
         t_start = time.perf_counter()
 
         inputs = None
-        cache = _StatsCache(stats_cache) if stats_cache and config.propagate == "fp" else None
+        cache = (_StatsCache(stats_cache, calibration) if stats_cache and config.propagate == "fp"
+                 and calibration is not None else None)
         cached = cache is not None and cache.complete(len(blocks))  # every block's fp statistics on disk
         if calibration is not None and not cached:
             batches = calibration.split(batch_size)
@@ -214,12 +215,17 @@ def _summarise(report, seconds, device, calibration, peak_bytes: int) -> dict:
 class _StatsCache:
     """fp-model statistics per block on disk, reusable by every method on the same calibration."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, calibration: torch.Tensor):
+        from ..data.windows import fingerprint
+
         self.folder = Path(folder)
+        self.key = fingerprint(calibration)  # statistics of other calibration tokens are never reused
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def complete(self, nblocks: int) -> bool:
-        return (self.folder / "complete").exists() and len(list(self.folder.glob("block_*.pt"))) == nblocks
+        done = self.folder / "complete"
+        blocks = len(list(self.folder.glob("block_*.pt")))
+        return done.exists() and done.read_text() == self.key and blocks == nblocks
 
     def load(self, i):
         d = torch.load(self.folder / f"block_{i:03d}.pt", weights_only=False)
@@ -231,4 +237,4 @@ class _StatsCache:
         torch.save({"stats": {k: vars(v) for k, v in stats.items()}, "groups": groups}, tmp)
         tmp.replace(path)
         if last:
-            (self.folder / "complete").write_text("ok")
+            (self.folder / "complete").write_text(self.key)
