@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--nsamples", type=int, default=128)
     c.add_argument("--seqlen", type=int, default=512)
     c.add_argument("--windows", type=int, default=32, help="evaluation windows per corpus")
-    c.add_argument("--propagate", choices=["fp", "quantized"], default="fp",
+    c.add_argument("--propagate", choices=["fp", "quantized"], default="quantized",
                    help="fp: share the fp model's statistics across all entries (fast); quantized: GPTQ-style")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default=None)
