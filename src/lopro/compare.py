@@ -21,7 +21,7 @@ from . import __version__
 from .config import QuantConfig
 from .data.assets import cache_dir
 from .data.windows import calibration_windows, eval_windows, fingerprint, tokenize_split
-from .model.loading import load_model
+from .model.loading import load_model, load_tokenizer
 from .model.pipeline import quantize
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,7 @@ def run_grid(grid: Grid, out_dir: str | Path, propagate: str = "fp", progress: b
     """Evaluate every configuration of `grid`; returns the entries in grid order."""
     out_dir = Path(out_dir)
     store = ResultStore(out_dir)
-    model, tok, path = load_model(grid.model, device="cpu")
-    del model
+    tok, path = load_tokenizer(grid.model)
     calib = calibration_windows(tokenize_split(tok, grid.calib_data, "calib"), grid.nsamples, grid.seqlen, grid.seed)
     calib_sha = fingerprint(calib)
     evals = {d: eval_windows(tokenize_split(tok, d, "eval"), grid.eval_seqlen, grid.eval_windows)

@@ -32,14 +32,21 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def load_tokenizer(name_or_dir: str):
+    """(tokenizer, path) without loading any weights."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_dir)
+    return AutoTokenizer.from_pretrained(path), path
+
+
 def load_model(name_or_dir: str, dtype: torch.dtype = torch.float32, device=None):
     """(model, tokenizer, path). Quantized lopro checkpoints load through the same call."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .checkpoint import is_lopro_checkpoint, load
 
-    path = resolve_model_path(name_or_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer, path = load_tokenizer(name_or_dir)
     if is_lopro_checkpoint(path):  # packed checkpoint: verified, loaded layer by layer
         model = load(path, device=device or default_device(), dtype=dtype)
         return model, tokenizer, path
