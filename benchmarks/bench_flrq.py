@@ -71,7 +71,7 @@ class Bench:
         self.calib = calibration_windows(tokenize_split(self.tok, "wiki", "calib"), a.nsamples, a.seqlen, 0)
         sha = fingerprint(self.calib)
         self.stats_dir = cache_dir() / "stats" / f"{Path(path).name}-{sha[:16]}"
-        self.evals = {d: eval_windows(tokenize_split(self.tok, d, "eval"), 512, a.windows) for d in ("wiki", "news")}
+        self.evals = {d: eval_windows(tokenize_split(self.tok, d, "eval"), 512, a.windows or None) for d in ("wiki", "news")}
         self.calib_sha = sha
 
     def fp(self) -> dict:
@@ -221,7 +221,7 @@ def report(b: Bench, groups: dict) -> str:
     a = b.a
     out = [f"# FLRQ on {a.model}\n",
            f"Calibration {a.nsamples} x {a.seqlen} tokens of `wiki` (seed 0), fp statistics shared by every run; "
-           f"token-level perplexity at seqlen 512 on {a.windows} windows per corpus; device {b.device}.\n",
+           f"token-level perplexity at seqlen 512 on {a.windows or 'all'} windows per corpus; device {b.device}.\n",
            "`proxy loss` is the sum over layers of tr(dW H dW^T); `quant s` is the wall time of the whole "
            "quantization (the first run also computes the shared statistics), `solve s` the time in the "
            "per-layer methods; `rank s` is the time spent choosing and extracting the low rank (R1-FLR, all "
@@ -257,7 +257,7 @@ def main(argv=None):
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--windows", type=int, default=32, help="evaluation windows per corpus")
+    p.add_argument("--windows", type=int, default=32, help="evaluation windows per corpus (0 = the whole split)")
     p.add_argument("--quick", action="store_true", help="W4 per-channel and lopro W2 only, 16 x 256 calibration")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None)

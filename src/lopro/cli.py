@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-data", default="wiki")
     c.add_argument("--nsamples", type=int, default=128)
     c.add_argument("--seqlen", type=int, default=512)
-    c.add_argument("--windows", type=int, default=32, help="evaluation windows per corpus")
+    c.add_argument("--windows", type=int, default=32, help="evaluation windows per corpus (0 = the whole split)")
     c.add_argument("--propagate", choices=["fp", "quantized"], default="quantized",
                    help="fp: share the fp model's statistics across all entries (fast); quantized: GPTQ-style")
     c.add_argument("--seed", type=int, default=0)
@@ -247,7 +247,7 @@ def _grid_from_args(a):
                                                                    else QuantConfig.rank_dtype),
                                        seed=a.seed, options=options))
     return Grid(model=a.model, configs=configs, calib_data=a.calib_data, nsamples=a.nsamples, seqlen=a.seqlen,
-                seed=a.seed, eval_data=tuple(a.data.split(",")), eval_windows=a.windows,
+                seed=a.seed, eval_data=tuple(a.data.split(",")), eval_windows=a.windows or None,
                 tasks=tuple(t for t in a.tasks.split(",") if t), task_limit=a.limit, device=a.device)
 
 

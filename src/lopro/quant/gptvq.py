@@ -242,16 +242,28 @@ def _kmeanspp(X: Tensor, Wt: Tensor, k: int, gen: torch.Generator) -> Tensor:
 
 
 class _Assigner:
-    """Nearest centroid under the weighted distance, as one bmm per call:
-    ``argmin_c sum_j w_j (c_j^2 - 2 x_j c_j)`` (the ``w x^2`` term does not change the argmin)."""
+    """Nearest centroid under the weighted distance, as bmm + min per chunk of points:
+    ``argmin_c sum_j w_j (c_j^2 - 2 x_j c_j)`` (the ``w x^2`` term does not change the argmin).
+    Chunks keep the [chunk, k] scores in cache: the reduction, not the bmm, is what costs on CPU."""
+
+    CHUNK = 4096
 
     def __init__(self, X: Tensor, Wt: Tensor, k: int):
         self.A = torch.cat([Wt * X, Wt], dim=-1)  # [B, N, 2d]
-        self.buf = torch.empty(X.shape[0], X.shape[1], k, dtype=X.dtype, device=X.device)
+        B, N = X.shape[:2]
+        cs = min(N, self.CHUNK)
+        self.buf = torch.empty(B, cs, k, dtype=X.dtype, device=X.device)
+        self.vals = torch.empty(B, cs, dtype=X.dtype, device=X.device)
+        self.out = torch.empty(B, N, dtype=torch.long, device=X.device)
 
     def __call__(self, C: Tensor) -> Tensor:
         Bm = torch.cat([-2 * C, C * C], dim=-1).transpose(1, 2)  # [B, 2d, k]
-        return torch.bmm(self.A, Bm, out=self.buf).argmin(-1)
+        N = self.A.shape[1]
+        for s in range(0, N, self.buf.shape[1]):
+            e = min(N, s + self.buf.shape[1])
+            scores = torch.bmm(self.A[:, s:e], Bm, out=self.buf[:, :e - s])
+            torch.min(scores, -1, out=(self.vals[:, :e - s], self.out[:, s:e]))
+        return self.out.clone()
 
 
 def kmeans_objective(X: Tensor, C: Tensor, assignment: Tensor, weights: Tensor | None = None) -> Tensor:
