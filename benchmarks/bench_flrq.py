@@ -1,7 +1,8 @@
 """FLRQ on SmolLM2: flexible rank (R1-FLR) versus fixed rank at equal effective bits, BLC on/off,
 and `lopro --rank auto` versus `lopro --rank 16` (issue 4).
 
-For each setting (W4 per-channel, W3 per-channel, W3 g64):
+For each setting (``--settings``; default W4 per-channel, W3 per-channel, W3 g64), with ``--lean``
+only the first, fourth, second and seventh of these:
 
 - ``flrq``: flexible rank, BLC on (the defaults: fp16 factors, FLRQ symmetric RTN grid);
 - ``flrq blc-off``: the same rank selection, no clip search and no refits;
@@ -23,6 +24,7 @@ run is cached in ``<out>/results.json``: a rerun only computes what is missing. 
 matplotlib, ``<out>/ranks_*.png``.
 
     python benchmarks/bench_flrq.py [--quick] [--out benchmarks/results/flrq] [--threads N]
+    python benchmarks/bench_flrq.py --settings 4:-1,3:64 --lopro-bits 3 --lean --windows 16   # ~1 h on 2 cores
 """
 from __future__ import annotations
 
@@ -49,8 +51,6 @@ from lopro.quant.bits import lowrank_bits
 
 log = logging.getLogger("bench_flrq")
 
-SETTINGS = ((4, -1), (3, -1), (3, 64))
-LOPRO_BITS = (2, 3)
 LAYER_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -138,28 +138,31 @@ def flrq_cfg(bits, g, **options):
     return QuantConfig(method="flrq", bits=bits, group_size=g, sym=True, rank_dtype="fp16", options=options)
 
 
-def suite(b: Bench, quick: bool) -> dict:
+def suite(b: Bench, settings, lopro_bits, lean: bool = False) -> dict:
+    """Row groups; in each FLRQ group rows[0] is the flexible run and rows[1] the fixed-rank one at
+    its bits (BLC on). `lean` keeps those two, BLC off, and low rank + RTN at the matched rank."""
     groups = {}
-    for bits, g in SETTINGS[:1] if quick else SETTINGS:
+    for bits, g in settings:
         tag = f"W{bits} {gname(g)}"
-        rows = []
         fl = b.run(f"flrq {tag}", flrq_cfg(bits, g))
-        rows.append(fl)
-        rows.append(b.run(f"flrq {tag} blc-off", flrq_cfg(bits, g, blc=False)))
-        rows.append(b.run(f"flrq {tag} blc-first", flrq_cfg(bits, g, blc_rank="first")))
         target = fl["effective_bits"]
         fixed = flrq_cfg(bits, g, rank_mode="fixed")
         r, _ = matched_rank(fl, fixed, target)
-        rows.append(b.run(f"flrq {tag} r={r}", dataclasses.replace(fixed, rank=r)))
-        rows.append(b.run(f"flrq {tag} r={r} blc-off", dataclasses.replace(
-            fixed, rank=r, options={"rank_mode": "fixed", "blc": False})))
-        rows.append(b.run(f"flrq {tag} fill {target:.3f}", flrq_cfg(bits, g, rank_mode="fixed", bits_budget=target)))
+        rows = [fl, b.run(f"flrq {tag} r={r}", dataclasses.replace(fixed, rank=r)),
+                b.run(f"flrq {tag} blc-off", flrq_cfg(bits, g, blc=False))]
+        if not lean:
+            rows.append(b.run(f"flrq {tag} blc-first", flrq_cfg(bits, g, blc_rank="first")))
+            rows.append(b.run(f"flrq {tag} r={r} blc-off", dataclasses.replace(
+                fixed, rank=r, options={"rank_mode": "fixed", "blc": False})))
+            rows.append(b.run(f"flrq {tag} fill {target:.3f}",
+                              flrq_cfg(bits, g, rank_mode="fixed", bits_budget=target)))
         lr_cfg = QuantConfig(method="lowrank-rtn", bits=bits, group_size=g, rank_dtype="fp16")
         r_lr, _ = matched_rank(fl, lr_cfg, target)
         rows.append(b.run(f"lowrank-rtn {tag} r={r_lr}", dataclasses.replace(lr_cfg, rank=r_lr)))
-        rows.append(b.run(f"gptq {tag}", QuantConfig(method="gptq", bits=bits, group_size=g)))
+        if not lean:
+            rows.append(b.run(f"gptq {tag}", QuantConfig(method="gptq", bits=bits, group_size=g)))
         groups[f"FLRQ {tag}"] = rows
-    for bits in LOPRO_BITS[:1] if quick else LOPRO_BITS:
+    for bits in lopro_bits:
         tag = f"W{bits} g64"
         base = QuantConfig(method="lopro", bits=bits, group_size=64, rank=16, rank_dtype="fp8")
         r16 = b.run(f"lopro {tag} r=16", base)
@@ -238,8 +241,8 @@ def report(b: Bench, groups: dict) -> str:
                        f"{e['solve_seconds']:.0f} | " + ("- | - |" if e["rank_seconds"] is None else
                                                           f"{e['rank_seconds']:.1f} | "
                                                           f"{e['rank_seconds'] / e['solve_seconds']:.1%} |"))
-        if name.startswith("FLRQ"):  # rows: flexible, blc-off, blc-first, fixed r (BLC on), ...
-            flex, fixed = rows[0], rows[3]
+        if name.startswith("FLRQ"):  # rows: flexible, fixed r at its bits (BLC on), ...
+            flex, fixed = rows[0], rows[1]
             out.append(f"\nR1-FLR selection overhead over fixed-rank extraction ({fixed['label']}): "
                        f"{flex['rank_seconds'] - fixed['rank_seconds']:.1f} s = "
                        f"{(flex['rank_seconds'] - fixed['rank_seconds']) / flex['solve_seconds']:.1%} of "
@@ -259,6 +262,10 @@ def main(argv=None):
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--windows", type=int, default=32, help="evaluation windows per corpus (0 = the whole split)")
     p.add_argument("--quick", action="store_true", help="W4 per-channel and lopro W2 only, 16 x 256 calibration")
+    p.add_argument("--settings", default="4:-1,3:-1,3:64", help="FLRQ settings, BITS:GROUP comma list")
+    p.add_argument("--lopro-bits", default="2,3", help="bits of the lopro --rank auto rows ('' for none)")
+    p.add_argument("--lean", action="store_true",
+                   help="per setting only flexible, fixed rank at its bits, BLC off and low rank + RTN")
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
@@ -272,7 +279,11 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     torch.set_grad_enabled(False)
     b = Bench(a)
-    groups = suite(b, a.quick)
+    settings = [tuple(int(v) for v in t.split(":")) for t in a.settings.split(",") if t]
+    lopro_bits = [int(v) for v in a.lopro_bits.split(",") if v]
+    if a.quick:
+        settings, lopro_bits = settings[:1], lopro_bits[:1]
+    groups = suite(b, settings, lopro_bits, a.lean)
     text = report(b, groups)
     (b.out / "results.md").write_text(text)
     sys.stdout.write(text)
