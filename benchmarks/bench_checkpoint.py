@@ -27,14 +27,38 @@ from lopro.model.qlinear import packer
 from lopro.model.walk import find_blocks
 
 LOAD_PROBE = """
-import json, resource, sys, time
-t = time.time()
+import json, sys, time
 import lopro
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-lopro.load(sys.argv[1], device="cpu")
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"load_seconds": time.time() - t, "load_rss_increase_mib": (peak - base) / 1024}))
+
+
+def status(key):  # kB figures of /proc/self/status
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+with torch.device("meta"):  # import the architecture's code first: the baseline holds the libraries
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(sys.argv[1]))
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+base = status("VmRSS")
+t = time.time()
+model = lopro.load(sys.argv[1], device="cpu")
+seconds = time.time() - t
+loaded = {"load_seconds": seconds, "load_rss_increase_mib": (status("VmRSS") - base) / 1024,
+          "load_peak_increase_mib": (status("VmHWM") - base) / 1024}
+with torch.no_grad():  # memory-mapped tensors count once read: one 8-token forward reads them all
+    model(torch.zeros(1, 8, dtype=torch.long))
+loaded.update(forward_rss_increase_mib=(status("VmRSS") - base) / 1024,
+              forward_peak_increase_mib=(status("VmHWM") - base) / 1024)
+print(json.dumps(loaded))
 """
+
+
+def load_probe(folder: str) -> dict:
+    """Memory and time of `lopro.load` in a fresh process (current and peak RSS over the import)."""
+    probe = subprocess.run([sys.executable, "-c", LOAD_PROBE, folder], capture_output=True, text=True, check=True)
+    return json.loads(probe.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None):
@@ -47,8 +71,15 @@ def main(argv=None):
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--out", required=True)
     p.add_argument("--json", default="benchmarks/results/checkpoint.json")
+    p.add_argument("--probe-only", action="store_true", help="only measure loading the existing --out folder")
     a = p.parse_args(argv)
     torch.set_grad_enabled(False)
+    if a.probe_only:
+        res = json.loads(Path(a.json).read_text()) if Path(a.json).exists() else {}
+        res.update(load_probe(a.out))
+        Path(a.json).write_text(json.dumps(res, indent=1, default=str))
+        sys.stdout.write(json.dumps(res, indent=1, default=str) + "\n")
+        return
     model, tok, _ = load_model("smollm2-135m", device="cpu")
     fake = copy.deepcopy(model)
     cfg = lopro.QuantConfig(method=a.method, bits=a.bits, group_size=a.group_size, rank=16, rank_dtype="fp8")
@@ -75,8 +106,7 @@ def main(argv=None):
     res["logits_rel_err"] = ((got - ref).norm() / ref.norm()).item()
     res["effective_bits_report"] = report.summary["effective_bits"]
     res["info"] = ck.checkpoint_info(a.out)
-    probe = subprocess.run([sys.executable, "-c", LOAD_PROBE, a.out], capture_output=True, text=True, check=True)
-    res.update(json.loads(probe.stdout.strip().splitlines()[-1]))
+    res.update(load_probe(a.out))
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(res, indent=1, default=str))
     sys.stdout.write(json.dumps(res, indent=1, default=str) + "\n")
