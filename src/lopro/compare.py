@@ -86,7 +86,8 @@ def label_of(cfg: dict) -> str:
     s = f"{cfg['method']} W{cfg['bits']} {g}"
     if cfg.get("rank") and cfg["method"] not in ("rtn", "gptq", "gptvq"):
         s += f" r{cfg['options'].get('rank_mode', cfg['rank'])}"
-    return s
+    extra = {k: v for k, v in cfg.get("options", {}).items() if k != "rank_mode"}
+    return s + "".join(f" {k}={v}" for k, v in sorted(extra.items()))
 
 
 def run_grid(grid: Grid, out_dir: str | Path, propagate: str = "fp", progress: bool = True,
