@@ -134,6 +134,7 @@ def main(argv=None):
         results = merged_results(grid, root, a.propagate)
     else:
         results = run_grid(grid, out, propagate=a.propagate, table_name=a.suite)
+    out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results, grid)
     sys.stdout.write(table)
     (out / f"{a.suite}.json").write_text(json.dumps(
