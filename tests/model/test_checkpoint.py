@@ -270,3 +270,16 @@ def test_cli_quantize_info_generate_eval_on_cut_smollm2(smollm2_path, tmp_path, 
                  "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     assert "The capital of France is" in text and "ppl=" in text
+
+
+def test_lopro_rank_auto_round_trip(tmp_path):
+    """`lopro --rank auto`: per-layer ranks from R1-FLR are saved per layer and reload exactly."""
+    model, fake, cfg, report = packed_and_fake("lopro", options={"rank_mode": "auto"})
+    ranks = {r["rank"] for r in report.layers}
+    ck.save(model, tmp_path / "out", config=cfg, report=report)
+    loaded = ck.load(tmp_path / "out", device="cpu")
+    assert rel(logits(loaded), logits(fake)) < 1e-3
+    assert torch.equal(logits(loaded), logits(model))
+    saved = {ck.quant_linear_specs(loaded)[n]["lowrank"]["rank"] for n in ck.quant_linear_specs(loaded)
+             if ck.quant_linear_specs(loaded)[n]["lowrank"] is not None}
+    assert saved <= ranks and len(ranks) >= 1
