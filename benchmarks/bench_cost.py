@@ -9,6 +9,7 @@ ratio of medians to GPTQ's. ``quant s`` is the whole `quantize` call (calibratio
 Hessians, solves); ``solve s`` the per-layer methods alone.
 
     python benchmarks/bench_cost.py --blocks 4 --bits 2 --repeats 3 --threads 2
+    python benchmarks/bench_cost.py --table          # reprint the last run's table
 """
 from __future__ import annotations
 
@@ -55,24 +56,27 @@ def run(a) -> dict:
             solves[m].append(report.summary["solve_seconds"])
             bits[m] = report.summary["effective_bits"]
             logging.info("repeat %d %s: %.1f s (solve %.1f s)", rep, m, times[m][-1], solves[m][-1])
-    base = statistics.median(times[methods[0]])
-    base_solve = statistics.median(solves[methods[0]])
     rows = [{"method": m, "bits": a.bits, "effective_bits": bits[m], "quant_s": statistics.median(times[m]),
-             "solve_s": statistics.median(solves[m]), "ratio": statistics.median(times[m]) / base,
-             "solve_ratio": statistics.median(solves[m]) / base_solve, "runs": times[m]} for m in methods]
+             "solve_s": statistics.median(solves[m]), "runs": times[m]} for m in methods]
     return {"model": a.model, "blocks": a.blocks, "calibration": [a.nsamples, a.seqlen], "group_size": a.group_size,
             "rank": a.rank, "repeats": a.repeats, "threads": torch.get_num_threads(), "machine": platform.machine(),
             "calib_sha256": fingerprint(calib), "rows": rows}
 
 
 def table(res: dict) -> str:
+    """Ratios of medians to the first row and to the row above (e.g. lopro-v / lopro)."""
+    rows = res["rows"]
     lines = [f"SmolLM2 first {res['blocks']} blocks, calibration {res['calibration'][0]} x {res['calibration'][1]}, "
-             f"W{res['rows'][0]['bits']} g{res['group_size']} rank {res['rank']}, {res['repeats']} repeats, "
-             f"{res['threads']} threads; ratios are of medians, to {res['rows'][0]['method']}.\n",
-             "| method | eff. bits | quant s | ratio | solve s | solve ratio |", "|---|---|---|---|---|---|"]
-    for r in res["rows"]:
-        lines.append(f"| {r['method']} | {r['effective_bits']:.3f} | {r['quant_s']:.1f} | {r['ratio']:.2f} | "
-                     f"{r['solve_s']:.1f} | {r['solve_ratio']:.2f} |")
+             f"W{rows[0]['bits']} g{res['group_size']} rank {res['rank']}, {res['repeats']} repeats, "
+             f"{res['threads']} threads; medians, ratios of medians.\n",
+             f"| method | eff. bits | quant s | / {rows[0]['method']} | / row above | solve s | solve / "
+             f"{rows[0]['method']} | solve / row above |", "|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows):
+        prev = rows[max(i - 1, 0)]
+        lines.append(f"| {r['method']} | {r['effective_bits']:.3f} | {r['quant_s']:.1f} | "
+                     f"{r['quant_s'] / rows[0]['quant_s']:.2f} | {r['quant_s'] / prev['quant_s']:.2f} | "
+                     f"{r['solve_s']:.1f} | {r['solve_s'] / rows[0]['solve_s']:.2f} | "
+                     f"{r['solve_s'] / prev['solve_s']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -90,7 +94,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "cost.json"))
+    p.add_argument("--table", action="store_true", help="print the table of an earlier run's --out JSON")
     a = p.parse_args(argv)
+    if a.table:
+        sys.stdout.write(table(json.loads(Path(a.out).read_text())))
+        return
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lopro.model.pipeline").setLevel(logging.WARNING)
     if a.threads:

@@ -280,6 +280,6 @@ def test_lopro_rank_auto_round_trip(tmp_path):
     loaded = ck.load(tmp_path / "out", device="cpu")
     assert rel(logits(loaded), logits(fake)) < 1e-3
     assert torch.equal(logits(loaded), logits(model))
-    saved = {ck.quant_linear_specs(loaded)[n]["lowrank"]["rank"] for n in ck.quant_linear_specs(loaded)
-             if ck.quant_linear_specs(loaded)[n]["lowrank"] is not None}
+    specs = ck.quant_linear_specs(loaded).values()
+    saved = {s["lowrank"]["rank"] for s in specs if s["lowrank"] is not None}
     assert saved <= ranks and len(ranks) >= 1

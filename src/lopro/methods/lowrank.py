@@ -11,6 +11,7 @@ import torch
 from ..linalg import BlockRotation, lowrank
 from ..quant.bits import SCALE_BITS, index_bits, lowrank_bits
 from ..quant.gptq import gptq_quantize
+from ..quant.grid import to_storage
 from ..quant.rtn import rtn_quantize
 from . import register
 from .base import LayerResult
@@ -22,7 +23,7 @@ ALPHA_FLOOR = 1e-4
 def input_scaling(absmean: torch.Tensor) -> torch.Tensor:
     """alpha_j = s_j / sqrt(min s * max s), s_j = mean_t |x_tj| clamped at 1e-4 (spec default)."""
     s = absmean.float().clamp_min(ALPHA_FLOOR)
-    return (s / torch.sqrt(s.min() * s.max())).to(torch.float16).float()  # stored in fp16
+    return to_storage(s / torch.sqrt(s.min() * s.max()))
 
 
 def scaled_lowrank(W: torch.Tensor, alpha: torch.Tensor, cfg):

@@ -25,7 +25,7 @@ class Grid:
 
 
 def to_storage(scale: torch.Tensor) -> torch.Tensor:
-    """Scales are stored in fp16: quantize with the stored value so packed == fake-quantized."""
+    """Scales (and alpha) are stored in fp16: compute with the stored value so packed == fake-quantized."""
     return scale.to(torch.float16).float()
 
 
