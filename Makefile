@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt | $(BIN)/python
 	touch $@
 
 $(DEV): $(STAMP)
-	$(PIP) install -c requirements/constraints.txt -e '.[assets,dev]'
+	$(PIP) install -c requirements/constraints.txt -e '.[assets,dev,plot]'
 	touch $@
 
 install: $(STAMP)

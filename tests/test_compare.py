@@ -1,6 +1,8 @@
 """The comparison cache: keys are stable, finished entries survive failures and reruns."""
+import pytest
+
 from lopro import QuantConfig
-from lopro.compare import FP, Grid, ResultStore, entry_key, label_of, markdown_table
+from lopro.compare import FP, Grid, ResultStore, entry_key, label_of, markdown_table, write_table
 
 
 def test_entry_key_depends_on_config_calibration_and_eval():
@@ -34,3 +36,49 @@ def test_labels_and_table():
              "quant_seconds": 12.0, "peak_memory_bytes": 2 ** 30}]
     table = markdown_table(rows, Grid(configs=[], eval_data=("wiki",)))
     assert "| lopro W2 g64 r16 | 2 | 2.695 | 99.50 |" in table and "| fp | 16 | 16.000 | 22.90 |" in table
+
+
+def test_two_processes_sharing_a_folder_keep_each_others_entries(tmp_path):
+    a, b = ResultStore(tmp_path), ResultStore(tmp_path)  # both loaded before either wrote
+    a.put("k1", {"label": "gptq W2 g64"})
+    b.put("k2", {"label": "lopro W2 g64 r16"})
+    b.fail("k1", "gptq W2 g64", "RuntimeError: late failure elsewhere")
+    on_disk = ResultStore(tmp_path).data
+    assert set(on_disk["entries"]) == {"k1", "k2"} and "k1" not in on_disk["failures"]
+    assert b.done("k1")  # sees the other process's finished entry, so it will not recompute it
+
+
+def _entry(method, bits, eff, ppl, acc):
+    cfg = {"method": FP} if method == FP else QuantConfig(method=method, bits=bits, group_size=64).to_dict()
+    zs = {"piqa": {"acc": acc, "acc_stderr": 0.05}, "arc_easy": {"acc": acc, "acc_stderr": 0.05}, "average": acc}
+    return {"label": label_of(cfg), "config": cfg, "effective_bits": eff, "ppl": {"wiki": ppl},
+            "quant_seconds": 1.0, "zeroshot": zs}
+
+
+def test_table_shows_accuracy_with_its_standard_error_and_the_subset_size():
+    grid = Grid(configs=[], eval_data=("wiki",), tasks=("piqa", "arc_easy"), task_limit=100)
+    table = markdown_table([_entry("gptq", 2, 2.3, 900.0, 0.4)], grid)
+    assert "| 40.0 | 40.0 | 40.0 ± 3.5 |" in table  # sqrt(2 * 0.05^2) / 2 = 0.035
+    assert "100 examples per task" in table
+
+
+def test_plots_of_perplexity_and_accuracy_against_effective_bits(tmp_path):
+    pytest.importorskip("matplotlib")
+    grid = Grid(configs=[], eval_data=("wiki",), tasks=("piqa", "arc_easy"), task_limit=100)
+    rows = [_entry(FP, 16, 16.0, 22.9, 0.6), _entry("gptq", 2, 2.3, 900.0, 0.4), _entry("gptq", 3, 3.3, 60.0, 0.5),
+            _entry("lopro", 2, 2.7, 100.0, 0.5)]
+    write_table(rows, grid, tmp_path, "t")
+    assert "| lopro W2 g64 r16 |" in (tmp_path / "t.md").read_text()
+    for name in ("t_ppl_wiki.png", "t_acc.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_compare_cli_defaults_score_the_five_tasks_on_a_seeded_subset():
+    from lopro.cli import _grid_from_args, build_parser
+
+    a = build_parser().parse_args(["compare", "--methods", "fp,gptq", "--bits", "2,3"])
+    grid = _grid_from_args(a)
+    assert grid.tasks == ("piqa", "arc_easy", "arc_challenge", "winogrande", "hellaswag")
+    assert grid.task_limit == 100 and len(grid.configs) == 3
+    whole = _grid_from_args(build_parser().parse_args(["compare", "--limit", "0", "--tasks", ""]))
+    assert whole.task_limit is None and whole.tasks == ()

@@ -133,8 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rank-dtype", choices=["fp8", "fp16", "fp32"], default=None,
                    help="low-rank factor storage (default: fp16 for flrq, fp8 otherwise)")
     c.add_argument("--data", default="wiki,news", help="evaluation corpora, comma list")
-    c.add_argument("--tasks", default="", help="zero-shot tasks, comma list (piqa,arc_easy,...)")
-    c.add_argument("--limit", type=int, default=None, help="examples per task (seeded subset)")
+    c.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,winogrande,hellaswag",
+                   help="zero-shot tasks, comma list ('' = none)")
+    c.add_argument("--limit", type=int, default=100,
+                   help="examples per task, a seeded subset (0 = the whole task; 100 keeps a grid to minutes on CPU)")
     c.add_argument("--calib-data", default="wiki")
     c.add_argument("--nsamples", type=int, default=128)
     c.add_argument("--seqlen", type=int, default=512)
@@ -248,7 +250,7 @@ def _grid_from_args(a):
                                        seed=a.seed, options=options))
     return Grid(model=a.model, configs=configs, calib_data=a.calib_data, nsamples=a.nsamples, seqlen=a.seqlen,
                 seed=a.seed, eval_data=tuple(a.data.split(",")), eval_windows=a.windows or None,
-                tasks=tuple(t for t in a.tasks.split(",") if t), task_limit=a.limit, device=a.device)
+                tasks=tuple(t for t in a.tasks.split(",") if t), task_limit=a.limit or None, device=a.device)
 
 
 def cmd_compare(a) -> dict:
@@ -264,7 +266,7 @@ def cmd_demo(_a) -> dict:
     from .data.assets import cache_dir
 
     a = build_parser().parse_args(["compare", "--methods", "fp,gptq,lopro", "--bits", "2", "--nsamples", "32",
-                                   "--windows", "16", "--out", str(cache_dir() / "demo")])
+                                   "--windows", "16", "--tasks", "", "--out", str(cache_dir() / "demo")])
     log.warning("demo: LoPRo W2 g64 rank 16 vs GPTQ W2 g64 vs FP on smollm2-135m (32 x 512 calibration); "
                 "cached in %s", a.out)
     return cmd_compare(a)

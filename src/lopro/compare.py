@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,29 +55,58 @@ def entry_key(grid: Grid, cfg: dict, calib_sha: str) -> str:
 
 
 class ResultStore:
-    """results.json with {key: entry}; rewritten atomically after every entry."""
+    """results.json with {key: entry}; rewritten atomically after every entry.
+
+    Every write re-reads the file under a lock and merges, so several `lopro compare` processes can
+    share one output folder (e.g. one per method on a many-core machine) without losing entries.
+    """
 
     def __init__(self, out_dir: Path):
         self.path = out_dir / "results.json"
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"entries": {}, "failures": {}}
+        self.data = self._read()
+
+    def _read(self) -> dict:
+        return json.loads(self.path.read_text()) if self.path.exists() else {"entries": {}, "failures": {}}
 
     def done(self, key: str) -> bool:
+        self.data = self._read()  # another process sharing the folder may have finished it
         return key in self.data["entries"]
 
     def put(self, key: str, entry: dict) -> None:
-        self.data["entries"][key] = entry
-        self.data["failures"].pop(key, None)
-        self._write()
+        with _locked(self.path.with_suffix(".lock")):
+            self.data = self._read()
+            self.data["entries"][key] = entry
+            self.data["failures"].pop(key, None)
+            self._write()
 
     def fail(self, key: str, label: str, error: str) -> None:
-        self.data["failures"][key] = {"label": label, "error": error}
-        self._write()
+        with _locked(self.path.with_suffix(".lock")):
+            self.data = self._read()
+            if key not in self.data["entries"]:  # a finished entry is never replaced by a failure
+                self.data["failures"][key] = {"label": label, "error": error}
+            self._write()
 
     def _write(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(self.data, indent=1, default=str))
         os.replace(tmp, self.path)
+
+
+@contextmanager
+def _locked(path: Path):
+    """An exclusive advisory lock (POSIX); elsewhere a no-op, where one process per folder is the rule."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def label_of(cfg: dict) -> str:
@@ -168,14 +198,21 @@ def markdown_table(results: list[dict], grid: Grid) -> str:
         if tasks:
             zs = r.get("zeroshot", {})
             row += [f"{100 * zs[t]['acc']:.1f}" if t in zs else "-" for t in tasks]
-            row += [f"{100 * zs['average']:.1f}" if "average" in zs else "-"]
+            row += [f"{100 * zs['average']:.1f} ± {100 * _average_stderr(zs, tasks):.1f}" if "average" in zs else "-"]
         row += [f"{r['quant_seconds']:.0f}",
                 f"{r['peak_memory_bytes'] / 2**30:.2f}" if r.get("peak_memory_bytes") else "-"]
         lines.append("| " + " | ".join(row) + " |")
     note = (f"\nModel {grid.model}; calibration {grid.nsamples} x {grid.seqlen} tokens of `{grid.calib_data}` "
             f"(seed {grid.seed}); perplexity at seqlen {grid.eval_seqlen} on the evaluation split "
-            f"({grid.eval_windows or 'all'} windows).\n")
+            f"({grid.eval_windows or 'all'} windows)"
+            + (f"; zero-shot acc on {grid.task_limit or 'all'} examples per task (seed {grid.seed}), "
+               "avg ± its standard error" if tasks else "") + ".\n")
     return "\n".join(lines) + "\n" + note
+
+
+def _average_stderr(zs: dict, tasks: list[str]) -> float:
+    """Standard error of the mean accuracy over tasks (independent tasks)."""
+    return sum(zs[t]["acc_stderr"] ** 2 for t in tasks) ** 0.5 / len(tasks)
 
 
 def write_table(results: list[dict], grid: Grid, out_dir: Path, name: str = "results") -> None:
@@ -189,21 +226,31 @@ def write_table(results: list[dict], grid: Grid, out_dir: Path, name: str = "res
         log.info("matplotlib not installed: no plots (pip install 'lopro[plot]')")
         return
     for corpus in grid.eval_data:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        by_method: dict[str, list] = {}
-        for r in results:
-            if r["config"]["method"] != FP:
-                by_method.setdefault(r["config"]["method"], []).append((r["effective_bits"], r["ppl"][corpus]))
-            else:
-                ax.axhline(r["ppl"][corpus], color="gray", ls="--", label="fp")
-        for m, pts in by_method.items():
-            pts.sort()
-            ax.plot(*zip(*pts), marker="o", label=m)
-        ax.set_xlabel("effective bits per weight")
-        ax.set_ylabel(f"perplexity ({corpus}, seqlen {grid.eval_seqlen})")
+        _plot(plt, results, lambda r: r["ppl"][corpus], f"perplexity ({corpus}, seqlen {grid.eval_seqlen})",
+              out_dir / f"{name}_ppl_{corpus}.png", log_y=True)
+    if grid.tasks:
+        _plot(plt, [r for r in results if "zeroshot" in r], lambda r: 100 * r["zeroshot"]["average"],
+              f"mean zero-shot accuracy, % ({len(grid.tasks)} tasks)", out_dir / f"{name}_acc.png", log_y=False)
+
+
+def _plot(plt, results: list[dict], value, ylabel: str, path: Path, log_y: bool) -> None:
+    """One line per method through its (effective bits, value) points; fp as a dashed line."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_method: dict[str, list] = {}
+    for r in results:
+        if r["config"]["method"] == FP:
+            ax.axhline(value(r), color="gray", ls="--", label="fp")
+        else:
+            by_method.setdefault(r["config"]["method"], []).append((r["effective_bits"], value(r)))
+    for m, pts in by_method.items():
+        pts.sort()
+        ax.plot(*zip(*pts), marker="o", label=m)
+    ax.set_xlabel("effective bits per weight")
+    ax.set_ylabel(ylabel)
+    if log_y:
         ax.set_yscale("log")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out_dir / f"{name}_ppl_{corpus}.png", dpi=120)
-        plt.close(fig)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
