@@ -123,3 +123,15 @@ def test_bad_inputs_fail_before_work():
     model.model.layers[1].mlp.down_proj.weight.data[0, 0] = float("nan")
     with pytest.raises(ValueError, match="down_proj.weight contains NaN"):
         quantize(model, QuantConfig(group_size=16), calib(), progress=False)
+
+
+@pytest.mark.parametrize("where", [0, -1])
+def test_finite_check_scans_every_chunk_of_a_large_weight(where):
+    from lopro.model.walk import check_finite
+
+    model = torch.nn.Linear(300, 10)
+    model.weight.data.view(-1)[where] = float("inf")
+    with pytest.raises(ValueError, match="weight contains NaN or inf"):
+        check_finite(model, chunk=256)  # 3000 elements: the bad one sits in the first or the last chunk
+    model.weight.data.view(-1)[where] = 0.0
+    check_finite(model, chunk=256)
