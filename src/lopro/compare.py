@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import QuantConfig
 from .data.assets import cache_dir
+from .methods import NEEDS_HESSIAN
 from .data.windows import calibration_windows, eval_windows, fingerprint, tokenize_split
 from .model.loading import load_model, load_tokenizer
 from .model.pipeline import quantize
@@ -167,12 +168,13 @@ def _run_one(grid: Grid, d: dict, label: str, calib, evals, stats_dir, tok) -> d
     else:
         cfg = QuantConfig.from_dict(d)
         t0 = time.perf_counter()
-        _, report = quantize(model, cfg, calib, batch_size=grid.batch_size, device=device,
+        needs_calibration = NEEDS_HESSIAN[cfg.method]  # RTN: no forward passes for statistics it ignores
+        _, report = quantize(model, cfg, calib if needs_calibration else None, batch_size=grid.batch_size, device=device,
                              stats_cache=stats_dir if cfg.propagate == "fp" else None, progress=False)
         s = report.summary
         entry.update(effective_bits=s["effective_bits"], quant_seconds=time.perf_counter() - t0,
                      solve_seconds=s["solve_seconds"], peak_memory_bytes=s["peak_memory_bytes"],
-                     calibration=s["calibration"], ranks=[r.get("rank") for r in report.layers])
+                     calibration=s.get("calibration"), ranks=[r.get("rank") for r in report.layers])
     entry["ppl"] = {name: perplexity(model, w, batch_size=grid.batch_size)["ppl"] for name, w in evals.items()}
     entry["eval"] = {"seqlen": grid.eval_seqlen, "windows": {n: w.shape[0] for n, w in evals.items()}}
     if grid.tasks:
