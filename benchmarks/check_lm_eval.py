@@ -65,11 +65,11 @@ def main(argv=None) -> None:
               "diff_points": {k: 100 * (ours[k] - theirs[k]) for k in ("acc", "acc_norm") if theirs.get(k) is not None}}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
-    sys.stdout.write("| scorer | acc | acc_norm | seconds |\n|---|---|---|---|\n")
+    sys.stdout.write("| scorer | acc | acc_norm |\n|---|---|---|\n")  # seconds in the JSON
     for name in ("lopro", "lm_eval"):
         r = result[name]
         norm = f"{100 * r['acc_norm']:.2f}" if r.get("acc_norm") is not None else "-"
-        sys.stdout.write(f"| {name} | {100 * r['acc']:.2f} | {norm} | {r['seconds']:.0f} |\n")
+        sys.stdout.write(f"| {name} | {100 * r['acc']:.2f} | {norm} |\n")
     sys.stdout.write(f"\n{a.task}, first {a.limit} rows; lopro - lm-eval: "
                      + ", ".join(f"{k} {v:+.2f} points" for k, v in result["diff_points"].items()) + "\n")
 

@@ -232,21 +232,23 @@ def write_table(results: list[dict], grid: Grid, out_dir: Path, name: str = "res
               out_dir / f"{name}_ppl_{corpus}.png", log_y=True)
     if grid.tasks:
         _plot(plt, [r for r in results if "zeroshot" in r], lambda r: 100 * r["zeroshot"]["average"],
-              f"mean zero-shot accuracy, % ({len(grid.tasks)} tasks)", out_dir / f"{name}_acc.png", log_y=False)
+              f"mean zero-shot accuracy, % ({len(grid.tasks)} tasks, ± 1 s.e.)", out_dir / f"{name}_acc.png",
+              log_y=False, error=lambda r: 100 * _average_stderr(r["zeroshot"], list(grid.tasks)))
 
 
-def _plot(plt, results: list[dict], value, ylabel: str, path: Path, log_y: bool) -> None:
-    """One line per method through its (effective bits, value) points; fp as a dashed line."""
+def _plot(plt, results: list[dict], value, ylabel: str, path: Path, log_y: bool, error=None) -> None:
+    """One line per method through its (effective bits, value[, error]) points; fp as a dashed line."""
     fig, ax = plt.subplots(figsize=(6, 4))
     by_method: dict[str, list] = {}
     for r in results:
         if r["config"]["method"] == FP:
             ax.axhline(value(r), color="gray", ls="--", label="fp")
         else:
-            by_method.setdefault(r["config"]["method"], []).append((r["effective_bits"], value(r)))
+            by_method.setdefault(r["config"]["method"], []).append(
+                (r["effective_bits"], value(r), error(r) if error else 0.0))
     for m, pts in by_method.items():
-        pts.sort()
-        ax.plot(*zip(*pts), marker="o", label=m)
+        x, y, e = zip(*sorted(pts))
+        ax.errorbar(x, y, yerr=e if error else None, marker="o", capsize=3, label=m)
     ax.set_xlabel("effective bits per weight")
     ax.set_ylabel(ylabel)
     if log_y:
