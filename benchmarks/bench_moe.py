@@ -127,7 +127,7 @@ def isolated(fn, *args):
 
 def fp_ppl(args, windows, moe_folder: str) -> dict:
     dense, tok, _ = load_model(args.model, device="cpu")
-    moe = upcycle_smollm2(dense, num_experts=args.experts, seed=args.seed)
+    moe = upcycle_smollm2(dense, num_experts=args.experts, seed=args.seed, top_k=args.top_k)
     ids = windows[:2]
     with torch.no_grad():
         diff = (dense(ids).logits - moe(ids).logits).abs().max().item()
@@ -147,6 +147,7 @@ def main(argv=None):
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--experts", type=int, default=4)
+    p.add_argument("--top-k", type=int, default=2, help="experts per token (1: no averaging of expert copies)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
