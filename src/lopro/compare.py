@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import QuantConfig
 from .data.assets import cache_dir
-from .methods import NEEDS_HESSIAN
 from .data.windows import calibration_windows, eval_windows, fingerprint, tokenize_split
+from .methods import NEEDS_HESSIAN
 from .model.loading import load_model, load_tokenizer
 from .model.pipeline import quantize
 
@@ -64,6 +64,7 @@ class ResultStore:
 
     def __init__(self, out_dir: Path):
         self.path = out_dir / "results.json"
+        self.lock = out_dir / "results.lock"
         out_dir.mkdir(parents=True, exist_ok=True)
         self.data = self._read()
 
@@ -75,14 +76,14 @@ class ResultStore:
         return key in self.data["entries"]
 
     def put(self, key: str, entry: dict) -> None:
-        with _locked(self.path.with_suffix(".lock")):
+        with _locked(self.lock):
             self.data = self._read()
             self.data["entries"][key] = entry
             self.data["failures"].pop(key, None)
             self._write()
 
     def fail(self, key: str, label: str, error: str) -> None:
-        with _locked(self.path.with_suffix(".lock")):
+        with _locked(self.lock):
             self.data = self._read()
             if key not in self.data["entries"]:  # a finished entry is never replaced by a failure
                 self.data["failures"][key] = {"label": label, "error": error}
@@ -168,13 +169,13 @@ def _run_one(grid: Grid, d: dict, label: str, calib, evals, stats_dir, tok) -> d
     else:
         cfg = QuantConfig.from_dict(d)
         t0 = time.perf_counter()
-        needs_calibration = NEEDS_HESSIAN[cfg.method]  # RTN: no forward passes for statistics it ignores
-        _, report = quantize(model, cfg, calib if needs_calibration else None, batch_size=grid.batch_size, device=device,
+        used = calib if NEEDS_HESSIAN[cfg.method] else None  # RTN: no forwards for statistics it ignores
+        _, report = quantize(model, cfg, used, batch_size=grid.batch_size, device=device,
                              stats_cache=stats_dir if cfg.propagate == "fp" else None, progress=False)
         s = report.summary
         entry.update(effective_bits=s["effective_bits"], quant_seconds=time.perf_counter() - t0,
                      solve_seconds=s["solve_seconds"], peak_memory_bytes=s["peak_memory_bytes"],
-                     calibration=s.get("calibration"), ranks=[r.get("rank") for r in report.layers])
+                     calibration=s["calibration"], ranks=[r.get("rank") for r in report.layers])
     entry["ppl"] = {name: perplexity(model, w, batch_size=grid.batch_size)["ppl"] for name, w in evals.items()}
     entry["eval"] = {"seqlen": grid.eval_seqlen, "windows": {n: w.shape[0] for n, w in evals.items()}}
     if grid.tasks:
