@@ -25,7 +25,10 @@ def tiny_mixtral(seed=0, layers=2, hidden=64, inter=96, experts=4, top_k=2, voca
     return MixtralForCausalLM(cfg).eval()
 
 
-def calib(n=4, L=16, vocab=128, seed=0):
+CALIB = (16, 32)  # enough tokens that every expert sees more than its width (else it falls back)
+
+
+def calib(n=CALIB[0], L=CALIB[1], vocab=128, seed=0):
     return torch.randint(0, vocab, (n, L), generator=torch.Generator().manual_seed(seed))
 
 
@@ -203,6 +206,32 @@ def test_expert_stages_merge_and_complete():
     assert set(starved_experts(names, st, 0.2)) == {"mlp.experts.1.down_proj", "mlp.experts.3.down_proj"}
 
 
+
+def test_experts_with_fewer_tokens_than_inputs_are_starved():
+    """A Hessian from fewer tokens than inputs is rank-deficient: such an expert matrix falls back, decided per
+    matrix (gate/up have 8 inputs, down 24), and the option moves the line."""
+    def stats(tokens, width):
+        return LayerStats(torch.eye(width), torch.ones(width), tokens)
+
+    st = {"mlp.experts.0.up_proj": stats(20, 8), "mlp.experts.1.up_proj": stats(20, 8),
+          "mlp.experts.0.down_proj": stats(20, 24), "mlp.experts.1.down_proj": stats(30, 24)}
+    got = starved_experts(list(st), st, 0.1)
+    assert set(got) == {"mlp.experts.0.down_proj"}
+    assert "20 calibration tokens for 24 inputs" in got["mlp.experts.0.down_proj"]
+    assert set(starved_experts(list(st), st, 0.1, min_per_input=2.0)) == {
+        "mlp.experts.0.down_proj", "mlp.experts.1.down_proj"}
+    assert starved_experts(list(st), st, 0.1, min_per_input=0.0) == {}
+    # only experts: a dense layer with few tokens keeps its Hessian
+    assert starved_experts(["mlp.down_proj"], {"mlp.down_proj": stats(5, 24)}, 0.1) == {}
+
+
+def test_min_expert_tokens_per_input_option_reaches_the_pipeline():
+    cfg = QuantConfig(method="gptq", bits=4, group_size=16, options={"min_expert_tokens_per_input": 1e6})
+    _, report = quantize(tiny_mixtral(layers=1), cfg, calib(), progress=False)
+    experts = [r for r in report.layers if ".experts." in r["name"]]
+    assert experts and all(r["fallback"] for r in experts)
+    assert not any(r["fallback"] for r in report.layers if ".experts." not in r["name"])
+
 def test_router_norms_embeddings_stay_fp_and_every_expert_is_quantized():
     model = tiny_mixtral()
     fp = {k: v.clone() for k, v in model.state_dict().items()}
@@ -217,7 +246,7 @@ def test_router_norms_embeddings_stay_fp_and_every_expert_is_quantized():
     assert len(report.layers) == 2 * (4 + 4 * 3)
     for b in range(2):
         rows = {r["name"]: r for r in report.layers if r["block"] == b}
-        assert sum(rows[f"mlp.experts.{e}.down_proj"]["tokens"] for e in range(4)) == 4 * 16 * 2
+        assert sum(rows[f"mlp.experts.{e}.down_proj"]["tokens"] for e in range(4)) == CALIB[0] * CALIB[1] * 2
         assert not any(r["fallback"] for r in rows.values())
 
 
@@ -264,7 +293,7 @@ def test_every_method_quantizes_every_expert(method):
     starve(model, 1)  # and a starved expert through each method's weight-only path
     cfg = QuantConfig(method=method, bits=3, group_size=16, rank=4, block_identity=16, block_hadamard=16,
                       options={"vq_kmeans_iters": 2})
-    model, report = quantize(model, cfg, calib(2, 16) if method != "rtn" else None, progress=False)
+    model, report = quantize(model, cfg, calib(8, 32) if method != "rtn" else None, progress=False)
     experts = model.model.layers[0].mlp.experts
     for name in ("gate_up_proj", "down_proj"):
         W, W0 = getattr(experts, name), fp[f"model.layers.0.mlp.experts.{name}"]
@@ -376,7 +405,7 @@ def test_linear_experts_are_walked_generically(caplog, true_sequential):
     rows = {(r["block"], r["name"]): r for r in report.layers}
     assert len(rows) == 2 * (4 + 12)
     for b in range(2):
-        assert sum(rows[(b, f"mlp.experts.{e}.w2")]["tokens"] for e in range(4)) == 4 * 16 * 2
+        assert sum(rows[(b, f"mlp.experts.{e}.w2")]["tokens"] for e in range(4)) == CALIB[0] * CALIB[1] * 2
         assert [rows[(b, f"mlp.experts.{e}.w1")]["fallback"] for e in range(4)] == [False, False, True, False]
     assert sum("experts.2" in r.getMessage() for r in caplog.records) == 6
 

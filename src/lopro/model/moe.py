@@ -17,6 +17,10 @@ Options (`QuantConfig.options`):
   of its fair share (sum of its siblings' tokens / number of experts) is quantized weight-only (see
   `weight_only_stats`), with a warning and `"fallback": true` in its report row. An expert with no
   token always falls back.
+- `min_expert_tokens_per_input` (default 1.0): an expert matrix that saw fewer tokens than this many
+  per input feature (tokens < 1.0 x in_features: a rank-deficient Hessian) also falls back. Decided
+  per matrix: an expert's gate/up (H inputs) may keep their Hessian while its down_proj (I inputs)
+  does not.
 - `moe_weighted_hessian` (default False): weight each routed token's contribution to its expert's
   Hessian and mean |x| by its routing weight (H = 2 sum_t w_t x_t x_t^T / sum_t w_t). Applies to fused
   experts (the routing weights are visible only inside the experts module). Default: unweighted.
@@ -38,6 +42,7 @@ from .walk import UnsupportedModelError
 FUSED_EXPERT_TENSORS = (("gate_up_proj", "down_proj", True), ("up_proj", "down_proj", False))
 EXPERT_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?experts)\.(?P<index>\d+)\.(?P<suffix>.+)$")
 DEFAULT_MIN_EXPERT_SHARE = 0.1
+DEFAULT_MIN_TOKENS_PER_INPUT = 1.0
 
 
 @dataclass(frozen=True)
@@ -316,9 +321,15 @@ def expert_stages(groups: list[list[str]], names) -> list[list[str]]:
     return stages
 
 
-def starved_experts(names, stats: dict[str, LayerStats], min_share: float) -> dict[str, str]:
-    """Expert layers among `names` with no calibration token or fewer than `min_share` of their fair
-    share (the siblings' total / their number); name -> reason, for the warning."""
+def starved_experts(names, stats: dict[str, LayerStats], min_share: float,
+                    min_per_input: float = DEFAULT_MIN_TOKENS_PER_INPUT) -> dict[str, str]:
+    """Expert layers among `names` whose Hessian cannot be trusted; name -> reason, for the warning.
+
+    Starved: no calibration token, fewer than `min_share` of the fair share (the siblings' total / their
+    number), or fewer than `min_per_input` x in_features tokens. The last matters most: a Hessian from
+    t < n tokens has rank <= t, so GPTQ's error feedback fits those tokens and pushes the error into
+    directions the calibration never saw (upcycled SmolLM2, top-1 routing, W2: ppl 685k vs 2845 dense).
+    """
     by_key: dict[str, list[str]] = {}
     for n in names:
         k = expert_key(n)
@@ -329,8 +340,13 @@ def starved_experts(names, stats: dict[str, LayerStats], min_share: float) -> di
         tokens = {n: stats[n].tokens if stats.get(n) is not None else 0 for n in siblings}
         fair = sum(tokens.values()) / len(tokens)
         for n, t in tokens.items():
+            H = stats[n].H if stats.get(n) is not None else None
+            width = H.shape[-1] if H is not None else 0
             if t == 0 or t < min_share * fair:
                 out[n] = f"{t} calibration tokens, {t / fair if fair else 0:.1%} of its fair share {fair:.0f}"
+            elif t < min_per_input * width:
+                out[n] = (f"{t} calibration tokens for {width} inputs (under {min_per_input:g} per input: "
+                          "a rank-deficient Hessian)")
     return out
 
 

@@ -18,8 +18,8 @@ from ..methods import NEEDS_HESSIAN, get_method
 from ..methods.base import LayerResult, LayerStats
 from .calibrate import StatsCollector
 from .memory import PeakMemory
-from .moe import (DEFAULT_MIN_EXPERT_SHARE, expert_stages, find_fused_experts, refuse_experts, starved_experts,
-                  unfuse_experts, weight_only_stats)
+from .moe import (DEFAULT_MIN_EXPERT_SHARE, DEFAULT_MIN_TOKENS_PER_INPUT, expert_stages, find_fused_experts,
+                  refuse_experts, starved_experts, unfuse_experts, weight_only_stats)
 from .walk import StopForward, block_output, capture_block_inputs, check_finite, find_blocks, find_linears, to_device
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,9 @@ def _forward(block, inputs, device):
 
 
 def _starved(names, stats, config) -> dict[str, str]:
-    return starved_experts(names, stats, config.options.get("min_expert_tokens_share", DEFAULT_MIN_EXPERT_SHARE))
+    o = config.options
+    return starved_experts(names, stats, o.get("min_expert_tokens_share", DEFAULT_MIN_EXPERT_SHARE),
+                           o.get("min_expert_tokens_per_input", DEFAULT_MIN_TOKENS_PER_INPUT))
 
 
 def _quantize_layer(i, name, module, stats, config, method, on_layer, report, starved: str | None = None) -> None:
