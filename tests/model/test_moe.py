@@ -10,6 +10,7 @@ from lopro.methods import get_method
 from lopro.model.calibrate import StatsCollector
 from lopro.model.moe import (UnfusedExperts, expert_stages, find_fused_experts, refuse_experts, starved_experts,
                              unfuse_experts, upcycle_smollm2, weight_only_stats)
+from lopro.model.pipeline import STARVED_EXPERT_HESSIANS
 from lopro.model.walk import capture_block_inputs, find_blocks, find_linears
 from lopro.methods.base import LayerStats
 
@@ -231,6 +232,24 @@ def test_min_expert_tokens_per_input_option_reaches_the_pipeline():
     experts = [r for r in report.layers if ".experts." in r["name"]]
     assert experts and all(r["fallback"] for r in experts)
     assert not any(r["fallback"] for r in report.layers if ".experts." not in r["name"])
+
+
+def test_starved_expert_hessian_diagonal_keeps_the_diagonal():
+    """With starved_expert_hessian="diagonal", a starved expert that saw tokens keeps its H's diagonal and mean |x|
+    (lopro's alpha), so its weights differ from the weight-only fallback's; an unknown mode is refused up front."""
+    ids = calib()
+    outs = {}
+    for mode in STARVED_EXPERT_HESSIANS:
+        cfg = QuantConfig(method="lopro", bits=3, group_size=16, rank=4, block_identity=16, block_hadamard=16,
+                          options={"min_expert_tokens_per_input": 1e6, "starved_expert_hessian": mode})
+        model, report = quantize(tiny_mixtral(layers=1), cfg, ids, progress=False)
+        assert all(r["fallback"] for r in report.layers if ".experts." in r["name"])
+        outs[mode] = model.model.layers[0].mlp.experts.down_proj.detach().clone()
+        assert torch.isfinite(outs[mode]).all()
+    assert not torch.allclose(outs["identity"], outs["diagonal"])
+    with pytest.raises(ValueError, match="starved_expert_hessian='diag'.*identity, diagonal"):
+        quantize(tiny_mixtral(layers=1), QuantConfig(method="gptq", bits=3, group_size=16,
+                                                      options={"starved_expert_hessian": "diag"}), ids, progress=False)
 
 def test_router_norms_embeddings_stay_fp_and_every_expert_is_quantized():
     model = tiny_mixtral()

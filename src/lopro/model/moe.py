@@ -21,6 +21,9 @@ Options (`QuantConfig.options`):
   per input feature (tokens < 1.0 x in_features: a rank-deficient Hessian) also falls back. Decided
   per matrix: an expert's gate/up (H inputs) may keep their Hessian while its down_proj (I inputs)
   does not.
+- `starved_expert_hessian` ("identity" by default, or "diagonal"): what a starved expert that did see
+  some tokens is quantized with: H = I and mean |x| = 1 (weight-only), or its own H's diagonal and
+  mean |x| (`diagonal_stats`). An expert with no token is always weight-only.
 - `moe_weighted_hessian` (default False): weight each routed token's contribution to its expert's
   Hessian and mean |x| by its routing weight (H = 2 sum_t w_t x_t x_t^T / sum_t w_t). Applies to fused
   experts (the routing weights are visible only inside the experts module). Default: unweighted.
@@ -356,6 +359,12 @@ def weight_only_stats(n: int, device=None) -> LayerStats:
     With H = I, GPTQ's error feedback vanishes (exactly RTN), low-rank methods get alpha = 1 (plain low
     rank of W) and rotations leave H unchanged; the result keeps the method's storage format."""
     return LayerStats(H=torch.eye(n, device=device), absmean=torch.ones(n, device=device), tokens=0)
+
+
+def diagonal_stats(stats: LayerStats) -> LayerStats:
+    """A starved expert's statistics reduced to what few tokens estimate well: the per-input second moments
+    (H's diagonal) and mean |x|, without the correlations a rank-deficient H gets wrong."""
+    return LayerStats(H=torch.diag(torch.diagonal(stats.H)), absmean=stats.absmean, tokens=stats.tokens)
 
 
 def upcycle_smollm2(model: nn.Module, num_experts: int = 4, seed: int = 0, top_k: int = 2,
