@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from lopro import QuantConfig, quantize
+from lopro.cli import parse_options
 from lopro.data.windows import calibration_windows, eval_windows, tokenize_split
 from lopro.eval.perplexity import perplexity
 from lopro.model.loading import load_model
@@ -154,6 +155,8 @@ def main(argv=None):
     p.add_argument("--windows", type=int, default=None, help="wiki eval windows (default: all)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="QuantConfig option for the main method (repeatable), e.g. starved_expert_hessian=diagonal")
     p.add_argument("--kinds", nargs="+", default=["dense", "moe"], choices=["dense", "moe"])
     p.add_argument("--rtn-control", type=int, default=3, help="also RTN at these bits (0: no control run)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe" / "results.json"))
@@ -168,8 +171,8 @@ def main(argv=None):
     try:
         result = {"settings": {k: v for k, v in vars(a).items() if k != "out"},
                   "fp": fp_ppl(a, windows, moe_folder), "runs": []}
-        cfgs = [QuantConfig(method=a.method, bits=bits, group_size=a.group_size, rank=a.rank, seed=a.seed)
-                for bits in a.bits]
+        cfgs = [QuantConfig(method=a.method, bits=bits, group_size=a.group_size, rank=a.rank, seed=a.seed,
+                            options=parse_options(a.option)) for bits in a.bits]
         if a.rtn_control:  # identical experts quantize identically without a Hessian: ppl must match dense
             cfgs.append(QuantConfig(method="rtn", bits=a.rtn_control, group_size=a.group_size))
         for cfg in cfgs:

@@ -56,7 +56,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
 
 
-def _parse_options(items: list[str]) -> dict:
+def parse_options(items: list[str]) -> dict:
+    """KEY=VALUE strings (values as JSON where they parse) -> QuantConfig.options."""
     out = {}
     for item in items:
         if "=" not in item:
@@ -77,7 +78,7 @@ def config_from_args(a):
     from .config import QuantConfig
     from .methods.flrq import DEFAULT_RANK_DTYPE
 
-    options = _parse_options(a.option)
+    options = parse_options(a.option)
     if a.rank == "auto":
         options.setdefault("rank_mode", "auto")
     if a.bits_budget is not None:
