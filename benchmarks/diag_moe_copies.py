@@ -68,7 +68,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--blocks", type=int, default=None, help="keep only the first N blocks (a quick check)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe" / "copies_w2.json"))
+    p.add_argument("--out", default=None, help="JSON path (default results/moe/copies_w<bits>.json)")
     a = p.parse_args()
     logging.basicConfig(level=logging.ERROR)
     if a.threads:
@@ -104,7 +104,7 @@ def main() -> None:
         print(f"| {r['model']} | {r['routing']} | {r['ppl']:.1f} |")
     print("\n|Q_e - Q_0| / |Q_0 - W| (mean over blocks): "
           + ", ".join(f"{t} {v:.2f}" for t, v in dist.items()))
-    out = Path(a.out)
+    out = Path(a.out or Path(__file__).parent / "results" / "moe" / f"copies_w{a.bits}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"settings": vars(a), "rows": rows, "copies_distance": dist}, indent=1))
