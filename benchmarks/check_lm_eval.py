@@ -63,8 +63,11 @@ def main(argv=None) -> None:
     result = {"task": a.task, "limit": a.limit, "model": a.model,
               "lopro": {**ours, "seconds": t1 - t0}, "lm_eval": {**theirs, "seconds": t2 - t1},
               "diff_points": {k: 100 * (ours[k] - theirs[k]) for k in ("acc", "acc_norm") if theirs.get(k) is not None}}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1))
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")  # never a half-written result file
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
     sys.stdout.write("| scorer | acc | acc_norm |\n|---|---|---|\n")  # seconds in the JSON
     for name in ("lopro", "lm_eval"):
         r = result[name]

@@ -2,8 +2,8 @@
 
 Every expert of the upcycled model is a copy of the block's MLP. With top-k = number of experts, every
 expert sees every calibration token, yet each quantizes differently: tokens reach an expert in routing
-slot order, so its Hessian differs from its siblings' by rounding, and LoPRo's salience permutation and
-GPTQ's sequential rounding turn near-ties into different codes (same proxy loss, different weights).
+slot order, so its Hessian differs from its siblings' by rounding, and the quantizer's discrete choices
+(permutation order, roundings) amplify that into different codes (same proxy loss, different weights).
 The MoE output is the router-weighted mean of the copies, so their errors partly cancel.
 
 This quantizes the upcycled model with top-k = E and evaluates `wiki` perplexity (a) as routed (the

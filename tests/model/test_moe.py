@@ -8,9 +8,8 @@ from torch import nn
 from lopro import QuantConfig, available_methods, quantize
 from lopro.methods import get_method
 from lopro.model.calibrate import StatsCollector
-from lopro.model.moe import (UnfusedExperts, expert_stages, find_fused_experts, refuse_experts, starved_experts,
-                             unfuse_experts, upcycle_smollm2, weight_only_stats)
-from lopro.model.pipeline import STARVED_EXPERT_HESSIANS
+from lopro.model.moe import (STARVED_EXPERT_HESSIANS, UnfusedExperts, expert_stages, find_fused_experts,
+                             refuse_experts, starved_experts, unfuse_experts, upcycle_smollm2, weight_only_stats)
 from lopro.model.walk import capture_block_inputs, find_blocks, find_linears
 from lopro.methods.base import LayerStats
 
@@ -207,7 +206,6 @@ def test_expert_stages_merge_and_complete():
     assert set(starved_experts(names, st, 0.2)) == {"mlp.experts.1.down_proj", "mlp.experts.3.down_proj"}
 
 
-
 def test_experts_with_fewer_tokens_than_inputs_are_starved():
     """A Hessian from fewer tokens than inputs is rank-deficient: such an expert matrix falls back, decided per
     matrix (gate/up have 8 inputs, down 24), and the option moves the line."""
@@ -250,6 +248,7 @@ def test_starved_expert_hessian_diagonal_keeps_the_diagonal():
     with pytest.raises(ValueError, match="starved_expert_hessian='diag'.*identity, diagonal"):
         quantize(tiny_mixtral(layers=1), QuantConfig(method="gptq", bits=3, group_size=16,
                                                       options={"starved_expert_hessian": "diag"}), ids, progress=False)
+
 
 def test_router_norms_embeddings_stay_fp_and_every_expert_is_quantized():
     model = tiny_mixtral()

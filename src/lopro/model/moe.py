@@ -46,6 +46,7 @@ FUSED_EXPERT_TENSORS = (("gate_up_proj", "down_proj", True), ("up_proj", "down_p
 EXPERT_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?experts)\.(?P<index>\d+)\.(?P<suffix>.+)$")
 DEFAULT_MIN_EXPERT_SHARE = 0.1
 DEFAULT_MIN_TOKENS_PER_INPUT = 1.0
+STARVED_EXPERT_HESSIANS = ("identity", "diagonal")  # option starved_expert_hessian, the default first
 
 
 @dataclass(frozen=True)
@@ -343,7 +344,7 @@ def starved_experts(names, stats: dict[str, LayerStats], min_share: float,
         tokens = {n: stats[n].tokens if stats.get(n) is not None else 0 for n in siblings}
         fair = sum(tokens.values()) / len(tokens)
         for n, t in tokens.items():
-            H = stats[n].H if stats.get(n) is not None else None
+            H = getattr(stats.get(n), "H", None)
             width = H.shape[-1] if H is not None else 0
             if t == 0 or t < min_share * fair:
                 out[n] = f"{t} calibration tokens, {t / fair if fair else 0:.1%} of its fair share {fair:.0f}"
@@ -365,6 +366,13 @@ def diagonal_stats(stats: LayerStats) -> LayerStats:
     """A starved expert's statistics reduced to what few tokens estimate well: the per-input second moments
     (H's diagonal) and mean |x|, without the correlations a rank-deficient H gets wrong."""
     return LayerStats(H=torch.diag(torch.diagonal(stats.H)), absmean=stats.absmean, tokens=stats.tokens)
+
+
+def fallback_stats(width: int, stats: LayerStats | None, mode: str, device=None) -> tuple[LayerStats, str]:
+    """What a starved layer is quantized with under option `starved_expert_hessian=mode`, and how to say it."""
+    if mode == "diagonal" and stats is not None and stats.tokens > 0:
+        return diagonal_stats(stats), "with its Hessian's diagonal only ({method}, no input correlations)"
+    return weight_only_stats(width, device), "weight-only ({method} with H = I, no calibration statistics)"
 
 
 def upcycle_smollm2(model: nn.Module, num_experts: int = 4, seed: int = 0, top_k: int = 2,

@@ -18,12 +18,11 @@ from ..methods import NEEDS_HESSIAN, get_method
 from ..methods.base import LayerResult, LayerStats
 from .calibrate import StatsCollector
 from .memory import PeakMemory
-from .moe import (DEFAULT_MIN_EXPERT_SHARE, DEFAULT_MIN_TOKENS_PER_INPUT, diagonal_stats, expert_stages,
-                  find_fused_experts, refuse_experts, starved_experts, unfuse_experts, weight_only_stats)
+from .moe import (DEFAULT_MIN_EXPERT_SHARE, DEFAULT_MIN_TOKENS_PER_INPUT, STARVED_EXPERT_HESSIANS, expert_stages,
+                  fallback_stats, find_fused_experts, refuse_experts, starved_experts, unfuse_experts)
 from .walk import StopForward, block_output, capture_block_inputs, check_finite, find_blocks, find_linears, to_device
 
 log = logging.getLogger(__name__)
-STARVED_EXPERT_HESSIANS = ("identity", "diagonal")  # option starved_expert_hessian (see moe.py)
 
 
 @dataclass
@@ -48,7 +47,7 @@ def proxy_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> tuple[f
 def validate(model, config: QuantConfig) -> None:
     """Every check that can fail, before anything is computed or written."""
     config.validate()
-    if config.options.get("starved_expert_hessian", "identity") not in STARVED_EXPERT_HESSIANS:
+    if config.options.get("starved_expert_hessian", STARVED_EXPERT_HESSIANS[0]) not in STARVED_EXPERT_HESSIANS:
         raise ValueError(f"option starved_expert_hessian={config.options['starved_expert_hessian']!r}: "
                          f"use one of {', '.join(STARVED_EXPERT_HESSIANS)}")
     check_finite(model)
@@ -175,7 +174,8 @@ def _quantize_layer(i, name, module, stats, config, method, on_layer, report, st
     W = module.weight.detach().float()
     fallback = starved is not None or (stats is None and NEEDS_HESSIAN[config.method])
     if fallback:
-        used, how = _fallback_stats(W, stats, config)
+        mode = config.options.get("starved_expert_hessian", STARVED_EXPERT_HESSIANS[0])
+        used, how = fallback_stats(W.shape[1], stats, mode, W.device)
         log.warning("block %d %s: %s; quantized %s", i, name, starved or "no calibration token reached this layer",
                     how.format(method=config.method))
     t0 = time.perf_counter()
@@ -191,13 +191,6 @@ def _quantize_layer(i, name, module, stats, config, method, on_layer, report, st
     log.info("block %d %-24s bits=%.3f loss=%.4g rel_err=%.4f %.2fs", i, name, row["effective_bits"], loss, rel,
              seconds)
     on_layer(i, name, module, result)
-
-
-def _fallback_stats(W, stats, config) -> tuple[LayerStats, str]:
-    """What a starved layer is quantized with, and how the warning says it."""
-    if config.options.get("starved_expert_hessian") == "diagonal" and stats is not None and stats.tokens > 0:
-        return diagonal_stats(stats), "with its Hessian's diagonal only ({method}, no input correlations)"
-    return weight_only_stats(W.shape[1], W.device), "weight-only ({method} with H = I, no calibration statistics)"
 
 
 def _replace_weight(_i, _name, module, result: LayerResult) -> None:
