@@ -109,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     q.add_argument("--out", required=True)
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    q.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same command after its last finished block")
+    q.add_argument("--offload", choices=["auto", "ram", "disk"], default="auto",
+                   help="where calibration activations live: RAM, files beside --out, or auto (disk when they "
+                        "would not fit in free memory)")
     q.add_argument("--fp-dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                    help="storage of the unquantized tensors (embeddings, norms); auto = narrowest exact dtype")
     q.add_argument("--fake", action="store_true",
@@ -173,7 +178,7 @@ def cmd_quantize(a) -> dict:
     summary = quantize_to_folder(a.model, cfg, a.out, calib_data=a.calib_data, nsamples=a.nsamples,
                                  seqlen=a.seqlen, batch_size=a.batch_size, device=a.device,
                                  overwrite=a.overwrite, stats_cache=a.stats_cache, packed=not a.fake,
-                                 fp_dtype=a.fp_dtype)
+                                 fp_dtype=a.fp_dtype, resume=a.resume, offload=a.offload)
     log.warning("wrote %s: effective bits %.3f, %.1f s", a.out, summary["effective_bits"], summary["quant_seconds"])
     return summary
 
@@ -286,7 +291,7 @@ def main(argv=None) -> int:
             return 0
         out = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare,
                "demo": cmd_demo, "generate": cmd_generate, "info": cmd_info}[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:
         log.error("%s", exc)
         return 2
     if getattr(args, "json", False):

@@ -12,8 +12,9 @@ import torch
 
 from ..config import QuantConfig
 from ..data.corpora import load_corpus
+from ..io.atomic import publish
 from ..data.windows import calibration_windows, eval_windows, tokenize_split
-from .loading import default_device, load_model, resolve_model_path
+from .loading import default_device, load_model, load_tokenizer, resolve_model_path
 from .pipeline import quantize, validate
 
 log = logging.getLogger(__name__)
@@ -30,57 +31,55 @@ def write_folder_atomically(out: Path, write) -> None:
     """Build the folder under a temporary name, then swap it in: never a half-written folder."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old = None
     try:
         write(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
+        publish(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists():
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def quantize_to_folder(model_name: str, cfg: QuantConfig, out, *, calib_data="wiki", nsamples=128, seqlen=512,
                        batch_size=8, device=None, overwrite=False, stats_cache=None, packed=True,
-                       fp_dtype="auto") -> dict:
-    """Quantize and write `out`: a packed lopro checkpoint (default; `fp_dtype` stores its unquantized
-    tensors, see checkpoint.save_quantized), or with `packed=False` the fake-quantized fp model
-    (dense dequantized weights, loadable by plain transformers)."""
+                       fp_dtype="auto", resume=False, offload="auto") -> dict:
+    """Quantize a model folder (or built-in name) into `out`, streamed block by block from disk to disk
+    (lopro.io.stream): a packed lopro checkpoint (default; `fp_dtype` stores its unquantized tensors,
+    see checkpoint.save_quantized), or with `packed=False` the fake-quantized fp model (dense
+    dequantized weights, loadable by plain transformers). `resume` continues an interrupted run of the
+    same command; `offload` ("auto", "ram", "disk") says where calibration activations live."""
+    from .._version import __version__
+    from ..data.windows import fingerprint
+    from ..io.lazy import LazyModel
+    from ..io.stream import StreamedRun, choose_offload, model_fingerprint
+    from ..methods import NEEDS_HESSIAN
+
     out = check_out_folder(out, overwrite)
-    resolve_model_path(model_name)  # fail fast on a bad name or corpus before loading anything
+    path = resolve_model_path(model_name)  # fail fast on a bad name or corpus before loading anything
     load_corpus(calib_data)
-    model, tok, _ = load_model(model_name, device="cpu")
-    validate(model, cfg)
-    tokens = tokenize_split(tok, calib_data, "calib")
-    calib = calibration_windows(tokens, nsamples, seqlen, cfg.seed)
+    lazy = LazyModel(path)
+    validate(lazy.model, cfg)
+    tok, _ = load_tokenizer(str(path))
+    calib = None
+    if NEEDS_HESSIAN[cfg.method]:  # RTN and other weight-only methods run no calibration forward
+        calib = calibration_windows(tokenize_split(tok, calib_data, "calib"), nsamples, seqlen, cfg.seed)
     dev = torch.device(device) if device else default_device()
-    model.to(dev)
+    run_settings = {"calib_data": str(calib_data), "nsamples": nsamples, "seqlen": seqlen, "batch_size": batch_size,
+                    "packed": packed, "fp_dtype": fp_dtype, "device": dev.type, "propagate": cfg.propagate}
+    fp = {"model": model_fingerprint(lazy), "calibration_sha256": fingerprint(calib) if calib is not None else None,
+          "quant_config": cfg.to_dict(), "run": run_settings, "lopro_version": __version__}
+    run = StreamedRun(lazy, out, fp, packed=packed, fp_dtype=fp_dtype, resume=resume, overwrite=overwrite,
+                      offload=choose_offload(offload, nsamples, seqlen, lazy.model.config.hidden_size))
     on_layer = None
     if packed:
         from .qlinear import packer
 
-        on_layer = packer(model)
-    model, report = quantize(model, cfg, calib, batch_size=batch_size, device=dev, stats_cache=stats_cache,
-                             on_layer=on_layer)
+        on_layer = packer(lazy.model)
+    _, report = quantize(lazy.model, cfg, calib, batch_size=batch_size, device=dev, stats_cache=stats_cache,
+                         on_layer=on_layer, io=run)
     report.summary["model"] = model_name
     report.summary["calib_data"] = calib_data
     report.summary["packed"] = packed
-
-    def write(folder: Path):
-        if packed:
-            from .checkpoint import save_quantized
-
-            save_quantized(model, folder, config=cfg, report=report, tokenizer=tok, fp_dtype=fp_dtype)
-            return
-        model.save_pretrained(folder)
-        tok.save_pretrained(folder)
-        (folder / "report.json").write_text(json.dumps(report.to_dict(), indent=1, default=str))
-
-    write_folder_atomically(out, write)
+    run.finalize(report, tokenizer=tok)
     return report.summary
 
 

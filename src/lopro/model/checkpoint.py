@@ -56,13 +56,14 @@ class CheckpointError(ValueError):
 
 # --------------------------------------------------------------------------- config
 
-def build_quantization_config(model: nn.Module, config=None, summary: dict | None = None) -> dict:
-    """The ``quantization_config`` of a packed model: settings, provenance and per-module specs."""
-    from .. import __version__
+def build_quantization_config(model_or_specs: nn.Module | dict, config=None, summary: dict | None = None) -> dict:
+    """The ``quantization_config`` of a packed model (or of the module specs of one written block by
+    block): settings, provenance and per-module specs."""
+    from .._version import __version__
     from ..linalg.hadamard import HADAMARD_CONVENTION
 
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
-    specs = quant_linear_specs(model)
+    specs = quant_linear_specs(model_or_specs) if isinstance(model_or_specs, nn.Module) else dict(model_or_specs)
     if not specs:
         raise ValueError("the model has no QuantLinear layers: pack it first (quantize(..., on_layer=packer(model)))")
     calib = (summary or {}).get("calibration") or {}
@@ -131,7 +132,7 @@ def _tied_aliases(model: nn.Module) -> set[str]:
     return out
 
 
-def _fp_storage(t: torch.Tensor, fp_dtype: str) -> torch.Tensor:
+def fp_storage(t: torch.Tensor, fp_dtype: str) -> torch.Tensor:
     if fp_dtype != "auto":
         return t.to(FP_DTYPES[fp_dtype])
     for dt in (torch.bfloat16, torch.float16):
@@ -142,21 +143,30 @@ def _fp_storage(t: torch.Tensor, fp_dtype: str) -> torch.Tensor:
     return t
 
 
-def _tensors_to_save(model: nn.Module, fp_dtype: str) -> dict[str, torch.Tensor]:
+def tensors_to_save(module: nn.Module, fp_dtype: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The state dict of `module` (names under `prefix`) as stored: packed buffers as they are, the
+    unquantized floats in `fp_dtype` ("auto": the narrowest float dtype that holds them exactly)."""
     if fp_dtype not in FP_DTYPES:
         raise ValueError(f"fp_dtype must be one of {sorted(FP_DTYPES)}, got {fp_dtype!r}")
-    qnames = {f"{name}." if name else "" for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    skip = _tied_aliases(model)
+    qnames = {f"{name}." if name else "" for name, m in module.named_modules() if isinstance(m, QuantLinear)}
+    skip = _tied_aliases(module)
     out = {}
-    for name, t in model.state_dict().items():
+    for name, t in module.state_dict().items():
         if name in skip:
             continue
         owner = name.rpartition(".")[0] + "."
         t = t.detach().to("cpu")
         if t.is_floating_point() and (owner not in qnames or name.endswith(".bias")):
-            t = _fp_storage(t, fp_dtype)
-        out[name] = t.contiguous()
+            t = fp_storage(t, fp_dtype)
+        out[prefix + name] = t.contiguous()
     return out
+
+
+def write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """One safetensors file; its metadata has a single key, so the bytes do not depend on the process."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -179,12 +189,10 @@ def save_quantized(model: nn.Module, folder: str | Path, *, config=None, report=
 
     Not atomic by itself: use :func:`save` (or ``write_folder_atomically``) for a safe write.
     """
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     summary = getattr(report, "summary", None) if report is not None else None
     qc = build_quantization_config(model, config, summary)
-    tensors = _tensors_to_save(model, fp_dtype)
+    tensors = tensors_to_save(model, fp_dtype)
     shards = _shards(tensors, max_shard_bytes)
     fp_sizes: dict[torch.dtype, int] = {}
     for name, t in tensors.items():
@@ -193,14 +201,25 @@ def save_quantized(model: nn.Module, folder: str | Path, *, config=None, report=
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = WEIGHTS_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / fname), metadata={"format": "pt", "quant_method": QUANT_METHOD})
+        write_tensors(shard, folder / fname)
         weight_map.update({name: fname for name in shard})
     if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
-                                                     "weight_map": weight_map}, indent=1))
+        write_index(folder, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()))
+    write_metadata(folder, model, qc, fp_sizes, tokenizer=tokenizer, tokenizer_from=tokenizer_from, report=report)
+    return qc
+
+
+def write_index(folder: Path, weight_map: dict[str, str], total_bytes: int) -> None:
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total_bytes},
+                                                 "weight_map": dict(sorted(weight_map.items()))}, indent=1))
+
+
+def write_metadata(folder: Path, model: nn.Module, qc: dict | None, fp_sizes: dict[torch.dtype, int], *,
+                   tokenizer=None, tokenizer_from: str | Path | None = None, report=None) -> None:
+    """config.json (with `qc` as its quantization_config), generation config, tokenizer, report.json."""
     cfg = model.config.to_dict()
-    cfg["quantization_config"] = qc
+    if qc is not None:
+        cfg["quantization_config"] = qc
     if fp_sizes:  # the dtype most unquantized weights are stored in
         cfg["dtype"] = str(max(fp_sizes, key=fp_sizes.get)).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
@@ -218,7 +237,6 @@ def save_quantized(model: nn.Module, folder: str | Path, *, config=None, report=
         body = report.to_dict() if hasattr(report, "to_dict") else report
         (folder / "report.json").write_text(json.dumps(body, indent=1, default=str))
     _shareable(folder)
-    return qc
 
 
 def _shareable(folder: Path) -> None:

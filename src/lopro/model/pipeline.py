@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ..config import QuantConfig
 from ..methods import NEEDS_HESSIAN, get_method
 from ..methods.base import LayerResult, LayerStats
+from .activations import Activations
 from .calibrate import StatsCollector
 from .memory import PeakMemory
 from .moe import (DEFAULT_MIN_EXPERT_SHARE, DEFAULT_MIN_TOKENS_PER_INPUT, STARVED_EXPERT_HESSIANS, expert_stages,
@@ -30,9 +31,10 @@ class QuantReport:
     config: dict
     layers: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    blocks: list[dict] = field(default_factory=list)  # per block: seconds reading, forwards, solves, propagating, writing
 
     def to_dict(self) -> dict:
-        return {"config": self.config, "summary": self.summary, "layers": self.layers}
+        return {"config": self.config, "summary": self.summary, "blocks": self.blocks, "layers": self.layers}
 
 
 def proxy_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
@@ -59,39 +61,81 @@ def validate(model, config: QuantConfig) -> None:
             config.check_width(min(lay.hidden, lay.inter), f"block {i} {name}")
 
 
+class BlockIO:
+    """Where blocks come from and where finished blocks go; this default is a model held in memory
+    (nothing to read, nothing to write). A streamed run (lopro.io.stream.StreamedRun) reads each block
+    from disk before it is quantized, writes it as a shard when it is done and can resume."""
+
+    def resume(self) -> tuple[int, "Activations | None", list[dict], list[dict]]:
+        """(first block to quantize, its input activations or None to capture them, report rows and
+        block profiles so far)."""
+        return 0, None, [], []
+
+    def capture(self, model, first_block, batches) -> Activations:
+        return capture_activations(model, first_block, batches)
+
+    def load_block(self, i: int, block) -> None:
+        pass
+
+    def next_activations(self, i: int, inputs: Activations) -> Activations:
+        """An empty store for the inputs of block i + 1."""
+        return inputs.like()
+
+    def finish_block(self, i: int, block, rows: list[dict], next_inputs: Activations | None, profile: dict) -> None:
+        """Block i is quantized; `profile` (its timings) may be completed with "write_s"."""
+
+
+def capture_activations(model, first_block, batches) -> Activations:
+    captured = capture_block_inputs(model, first_block, batches)
+    acts = Activations([kw for _, kw in captured])
+    for hidden, _ in captured:
+        acts.append(hidden)
+    return acts
+
+
 def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, batch_size: int = 8,
              device=None, on_layer=None, stats_cache: str | Path | None = None,
-             progress: bool = True) -> tuple[torch.nn.Module, QuantReport]:
+             progress: bool = True, io: BlockIO | None = None) -> tuple[torch.nn.Module, QuantReport]:
     """Quantize `model` in place with `config.method`; returns (model, report).
 
     calibration: [nsamples, seqlen] token ids (may be None only for methods without a Hessian).
     on_layer(block_index, name, module, result): what to do with each result; default replaces the
     weight by the dequantized one (fake quantization).
     stats_cache: with propagate="fp", a folder where the fp model's statistics are reused across runs.
+    io: where blocks are read from and written to (default: all in memory, see BlockIO).
     """
+    io = io or BlockIO()
     validate(model, config)
-    unfuse_experts(model, bool(config.options.get("moe_weighted_hessian", False)))  # experts as nn.Linear
     method = get_method(config.method)
     if calibration is None and NEEDS_HESSIAN[config.method]:
         raise ValueError(f"method {config.method!r} needs calibration data")
-    model_device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.device.type != "meta"]
+    model_device = params[0].device if params else torch.device("cpu")
     device = torch.device(device) if device is not None else model_device
+    weighted = bool(config.options.get("moe_weighted_hessian", False))
     with PeakMemory(device) as mem:
         on_layer = on_layer or _replace_weight
         _, blocks = find_blocks(model)
         report = QuantReport(config.to_dict())
         t_start = time.perf_counter()
 
-        inputs = None
+        start, inputs, rows, profiles = io.resume()
+        report.layers.extend(rows)
+        report.blocks.extend(profiles)
         cache = (_StatsCache(stats_cache, calibration) if stats_cache and config.propagate == "fp"
                  and calibration is not None else None)
         cached = cache is not None and cache.complete(len(blocks))  # every block's fp statistics on disk
-        if calibration is not None and not cached:
-            batches = calibration.split(batch_size)
-            inputs = capture_block_inputs(model, blocks[0], batches)
+        if calibration is not None and not cached and inputs is None:
+            inputs = io.capture(model, blocks[0], calibration.split(batch_size))
 
-        bar = tqdm(list(enumerate(blocks)), desc=f"{config.method} W{config.bits}", disable=not progress, unit="block")
-        for i, block in bar:
+        bar = tqdm(range(start, len(blocks)), desc=f"{config.method} W{config.bits}", disable=not progress,
+                   unit="block", initial=start, total=len(blocks))
+        for i in bar:
+            block = blocks[i]
+            t0 = time.perf_counter()
+            io.load_block(i, block)
+            t1 = time.perf_counter()
+            unfuse_experts(block, weighted)  # experts as nn.Linear
             home = next(block.parameters()).device
             block.to(device)
             linears = find_linears(block)
@@ -101,7 +145,7 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
                 stats, groups = cache.load(i)
             else:
                 stats, groups, inputs = _calibrate_block(block, linears, inputs, device, config, method, on_layer, i,
-                                                         report)
+                                                         report, io)
                 if cache:
                     cache.save(i, stats, groups, last=i == len(blocks) - 1)
             groups = expert_stages(groups, linears)  # adds layers no calibration token reached
@@ -110,16 +154,24 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
             for name in (n for group in groups for n in group if n not in done):
                 _quantize_layer(i, name, linears[name], stats.get(name), config, method, on_layer, report,
                                 starved.get(name))
+            t2 = time.perf_counter()
             if inputs is not None and config.propagate == "quantized":
-                inputs = _forward(block, inputs, device)
+                inputs = _forward(block, inputs, device, io.next_activations(i, inputs))
+            t3 = time.perf_counter()
+            refuse_experts(block)  # back to the fused layout unless experts were packed
             block.to(home)
+            rows = [r for r in report.layers if r["block"] == i]
+            solve = sum(r["seconds"] for r in rows)
+            profile = {"block": i, "read_s": t1 - t0, "forwards_s": t2 - t1 - solve, "solve_s": solve,
+                       "propagate_s": t3 - t2}
+            io.finish_block(i, block, rows, inputs, profile)
+            report.blocks.append(profile)
             bar.set_postfix(bits=f"{_mean_bits(report):.3f}")
-    refuse_experts(model)  # back to the fused layout unless experts were packed
     report.summary = _summarise(report, time.perf_counter() - t_start, device, calibration, mem.peak)
     return model, report
 
 
-def _calibrate_block(block, linears, inputs, device, config, method, on_layer, i, report):
+def _calibrate_block(block, linears, inputs, device, config, method, on_layer, i, report, io):
     """Statistics for every linear of one block; in true-sequential mode, quantizes group by group.
 
     Returns (stats, groups, next_inputs) where next_inputs are the fp outputs when propagate="fp"
@@ -127,10 +179,11 @@ def _calibrate_block(block, linears, inputs, device, config, method, on_layer, i
     """
     dtype = torch.float64 if config.options.get("hessian_dtype") == "fp64" else torch.float32
     if config.propagate == "fp" or not config.true_sequential:
-        stats, groups, outputs = _collect(block, linears, inputs, device, dtype, keep_outputs=config.propagate == "fp")
+        outputs = io.next_activations(i, inputs) if config.propagate == "fp" else None
+        stats, groups, _ = _collect(block, linears, inputs, device, dtype, outputs=outputs)
         return stats, groups, outputs if config.propagate == "fp" else inputs
     # discover call order and shared inputs on the first batch only (one stage per expert matrix)
-    _, groups, _ = _collect(block, linears, inputs[:1], device, dtype)
+    _, groups, _ = _collect(block, linears, inputs.head(1), device, dtype)
     groups = expert_stages(groups, linears)
     stats: dict[str, LayerStats] = {}
     for group in groups:
@@ -144,23 +197,24 @@ def _calibrate_block(block, linears, inputs, device, config, method, on_layer, i
     return stats, groups, inputs
 
 
-def _collect(block, linears, inputs, device, dtype, stop_after=None, keep_outputs=False):
-    outputs = [] if keep_outputs else None
+def _collect(block, linears, inputs, device, dtype, stop_after=None, outputs: Activations | None = None):
     with torch.no_grad(), StatsCollector(linears, dtype, stop_after) as col:
         for hidden, kwargs in inputs:
             col.new_batch()
             try:
                 out = block(hidden.to(device), **to_device(kwargs, device))
-                if keep_outputs:
-                    outputs.append((block_output(out).cpu(), kwargs))
+                if outputs is not None:
+                    outputs.append(block_output(out))
             except StopForward:
                 pass
     return col.finish(), col.groups(), outputs
 
 
-def _forward(block, inputs, device):
+def _forward(block, inputs: Activations, device, outputs: Activations) -> Activations:
     with torch.no_grad():
-        return [(block_output(block(h.to(device), **to_device(kw, device))).cpu(), kw) for h, kw in inputs]
+        for h, kw in inputs:
+            outputs.append(block_output(block(h.to(device), **to_device(kw, device))))
+    return outputs
 
 
 def _starved(names, stats, config) -> dict[str, str]:

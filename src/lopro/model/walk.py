@@ -43,6 +43,8 @@ def find_linears(block: nn.Module) -> dict[str, nn.Linear]:
 def check_finite(model: nn.Module, chunk: int = 1 << 20) -> None:
     # in chunks: isfinite on a whole embedding matrix allocates several times its size (~190 MB on SmolLM2)
     for name, p in model.named_parameters():
+        if p.device.type == "meta":  # not loaded yet (a lazy model checks each part as it is read)
+            continue
         if not all(bool(torch.isfinite(c).all()) for c in p.detach().reshape(-1).split(chunk)):
             raise ValueError(f"weight {name} contains NaN or inf; the model is corrupt and cannot be quantized")
 

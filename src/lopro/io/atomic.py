@@ -1,0 +1,60 @@
+"""One way to write a file so that a crash never leaves it half written: temp file, fsync, rename."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+
+def fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not every platform opens folders
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, data: bytes | str, writer=None) -> Path:
+    """Write `data` (or call `writer(tmp_path)`) to a temporary sibling, fsync it, rename it over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if writer is not None:
+            writer(tmp)
+        else:
+            tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)
+    return path
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move the finished folder `tmp` to `out`, replacing what `out` holds (the caller checked it may)."""
+    import shutil
+
+    old = None
+    try:
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        if old is not None and old.exists():
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
