@@ -153,6 +153,7 @@ class QuantLinear(nn.Module):
 
     cache_weight: bool = False
     rotation_impl: str = "matmul"  # "matmul": x_block @ H (one small matmul); "fwht": BlockRotation.apply
+    backend: Any = None  # a prepared kernel (lopro.model.backends.set_backend); None: the reference path below
 
     def __init__(self, spec: dict, device: torch.device | str | None = None,
                  compute_dtype: torch.dtype | None = None):
@@ -309,6 +310,8 @@ class QuantLinear(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend is not None:
+            return self.backend(self, x)
         dtype = self._compute_dtype(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(dtype)
@@ -356,6 +359,8 @@ class QuantLinear(nn.Module):
         only to the bias: the packed tensors are exact in their own dtypes and stay in them."""
         self._derived = {}
         self._w_cache = None
+        if self.backend is not None:  # kernel layouts are per device: rebuilt on the next call
+            self.backend.reset()
         for name, buf in self._buffers.items():
             if buf is None:
                 continue
@@ -384,6 +389,8 @@ class QuantLinear(nn.Module):
         if self.rotation is not None:
             parts.append(f"rotation={self.rotation.block_identity}/{self.rotation.block_hadamard}")
         parts.append(f"bias={self.spec['bias']}")
+        if self.backend is not None:
+            parts.append(f"backend={self.backend.choice}")
         return ", ".join(parts)
 
 
