@@ -56,8 +56,51 @@ def test_packed_checkpoint_from_cuda_reloads_on_both_devices(tmp_path, method):
     with torch.no_grad():
         ref = fake(IDS.cuda()).logits
         on_gpu = ck.load(tmp_path / "out", device="cuda", dtype=torch.float32, compute_dtype=torch.float32)
-        on_cpu = ck.load(tmp_path / "out", device="cpu")
+        on_cpu = ck.load(tmp_path / "out", device="cpu", backend="reference")
         assert rel(on_gpu(IDS.cuda()).logits, ref) < 1e-3
         assert rel(on_cpu(IDS).logits, ref) < 1e-3
         half = ck.load(tmp_path / "out", device="cuda")  # default: bf16 storage and compute on CUDA
         assert rel(half(IDS.cuda()).logits, ref) < 0.05
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("gs", [32, 64, 128, 256])
+@pytest.mark.parametrize("method", ["gptq", "lopro"])
+def test_cuda_backends_match_the_reference_path(bits, gs, method):
+    """int4pack (aten._weight_int4pack_mm), dense and auto on CUDA against the fp32 reference path."""
+    from conftest import random_hessian
+    from lopro.methods import get_method
+    from lopro.methods.base import LayerStats
+    from lopro.model import backends as bk
+    from lopro.model.qlinear import QuantLinear
+
+    m, n = 128, 512
+    W = torch.randn(m, n, generator=torch.Generator().manual_seed(bits))
+    stats = LayerStats(random_hessian(n), torch.rand(n) + 0.1, 256)
+    c = QuantConfig(method=method, bits=bits, group_size=gs, rank=8, block_identity=128, block_hadamard=128)
+    layer = QuantLinear.from_result(get_method(method)(W, stats, c)).cuda()
+    if torch.cuda.get_device_capability() < (8, 0):
+        assert bk.plan(layer.spec, "auto", device="cuda")[0] == "dense"
+        return
+    assert bk.plan(layer.spec, "auto", device="cuda")[0] == "int4pack+dense"
+    for tokens in (1, 300):
+        x = torch.randn(tokens, n, device="cuda")
+        ref = layer(x)
+        for choice in ("int4pack", "dense", "int4pack+dense"):
+            layer.backend = bk.Kernel(choice, torch.bfloat16)
+            assert rel(layer(x), ref) < 1e-2, (choice, tokens)
+            layer.backend = None
+
+
+def test_cuda_load_defaults_to_bf16_kernels(tmp_path):
+    from lopro.model import backends as bk
+
+    model = tiny_llama().cuda()
+    model, report = quantize(model, cfg("gptq"), CALIB.cuda(), on_layer=packer(model), progress=False)
+    ck.save(model, tmp_path / "out", config=cfg("gptq"), report=report)
+    with torch.no_grad():
+        ref = ck.load(tmp_path / "out", device="cuda", dtype=torch.float32, backend="reference")(IDS.cuda()).logits
+        auto = ck.load(tmp_path / "out", device="cuda")
+        assert auto.model.embed_tokens.weight.dtype == torch.bfloat16
+        assert set(bk.backend_choices(auto).values()) <= {"int4pack+dense", "dense"}
+        assert rel(auto(IDS.cuda()).logits, ref) < 0.05
