@@ -166,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--verify", action="store_true", help="also check every tensor against the config")
     i.add_argument("--json", action="store_true")
 
+    _add_export_parser(sub)
     sub.add_parser("demo", help="LoPRo W2 beside GPTQ W2 and FP on the built-in SmolLM2 (small calibration)")
     sub.add_parser("methods", help="list the registered methods")
     return p
@@ -278,6 +279,34 @@ def cmd_demo(_a) -> dict:
     return cmd_compare(a)
 
 
+def _add_export_parser(sub) -> None:
+    x = sub.add_parser("export", help="write a packed checkpoint as GGUF (llama.cpp), GPTQ format or a LoRA adapter")
+    x.add_argument("folder", help="a packed lopro checkpoint")
+    x.add_argument("--format", required=True, choices=["gguf", "gptq", "lora"])
+    x.add_argument("--out", required=True, help="output folder (model.gguf / a GPTQ folder / base + adapter)")
+    x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--lossy", choices=["q8_0", "q5_1", "q4_1", "f16"], default=None,
+                   help="GGUF: re-quantize layers that cannot be exact (rotations, VQ) instead of refusing")
+    x.add_argument("--base", choices=["auto", "gguf", "gptq"], default="auto", help="lora: the base's format")
+    x.add_argument("--checkpoint-format", choices=["auto", "gptq", "gptq_v2"], default="auto",
+                   help="GPTQ zeros: stored minus one (gptq) or as they are (gptq_v2); auto: gptq unless impossible")
+    x.add_argument("--bit-exact", action="store_true",
+                   help="GGUF: 4-bit asymmetric as Q5_0 (bit-exact) instead of Q4_1 (fp16 rounding of m)")
+    x.add_argument("--no-tokenizer", dest="tokenizer", action="store_false", help="GGUF: weights only")
+    x.add_argument("--json", action="store_true")
+
+
+def cmd_export(a) -> dict:
+    from .export import export
+
+    rep = export(a.folder, a.format, a.out, overwrite=a.overwrite, lossy=a.lossy, base=a.base,
+                 checkpoint_format=a.checkpoint_format, tokenizer=a.tokenizer, bit_exact=a.bit_exact)
+    kinds = sorted({e["type"] for e in rep["layers"].values()})
+    log.warning("wrote %s (%s: %s; %s, max |dW| %.2e)", a.out, a.format, ", ".join(kinds),
+                "exact" if rep["exact"] else "not bit-exact", rep["max_abs_error"])
+    return {k: v for k, v in rep.items() if k != "layers"}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
@@ -290,7 +319,8 @@ def main(argv=None) -> int:
             sys.stdout.write("\n".join(out["methods"]) + "\n")
             return 0
         out = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare,
-               "demo": cmd_demo, "generate": cmd_generate, "info": cmd_info}[args.command](args)
+               "demo": cmd_demo, "generate": cmd_generate, "info": cmd_info,
+               "export": cmd_export}[args.command](args)
     except (ValueError, OSError, RuntimeError) as exc:
         log.error("%s", exc)
         return 2
