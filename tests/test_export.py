@@ -361,3 +361,14 @@ def test_smollm2_gguf_tokenizer_and_logits(tmp_path, smollm2_path):
     gtok = AutoTokenizer.from_pretrained(tmp_path / "gguf", gguf_file="model.gguf")
     for text in ("Hello world! It's 2026.", " leading space and\nnewline", "<|im_start|>user\nhi<|im_end|>"):
         assert gtok(text).input_ids == tok(text).input_ids, text
+
+
+def test_cli_export_and_refusal_exit_code(tmp_path, capsys):
+    from lopro.cli import main
+
+    ck = checkpoint(tmp_path, "rtn", 3, 32)
+    assert main(["export", str(ck), "--format", "gguf", "--out", str(tmp_path / "g"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["exact"] and (tmp_path / "g" / "model.gguf").exists()
+    rot = checkpoint(tmp_path, "lopro", 2, 32)
+    assert main(["export", str(rot), "--format", "gptq", "--out", str(tmp_path / "q")]) == 2
+    assert "rotation" in capsys.readouterr().err and not (tmp_path / "q").exists()
