@@ -333,6 +333,9 @@ class StreamedRun(BlockIO):
             (self.work / name).unlink(missing_ok=True)
         shutil.rmtree(self.work / "acts", ignore_errors=True)
         publish(self.work, self.out)
-        self._lock.close()
         return qc
+
+    def close(self) -> None:
+        if getattr(self, "_lock", None) is not None and not self._lock.closed:
+            self._lock.close()
 

@@ -41,7 +41,7 @@ def write_folder_atomically(out: Path, write) -> None:
 
 def quantize_to_folder(model_name: str, cfg: QuantConfig, out, *, calib_data="wiki", nsamples=128, seqlen=512,
                        batch_size=8, device=None, overwrite=False, stats_cache=None, packed=True,
-                       fp_dtype="auto", resume=False, offload="auto") -> dict:
+                       fp_dtype="auto", resume=False, offload="auto", max_shard_bytes=None) -> dict:
     """Quantize a model folder (or built-in name) into `out`, streamed block by block from disk to disk
     (lopro.io.stream): a packed lopro checkpoint (default; `fp_dtype` stores its unquantized tensors,
     see checkpoint.save_quantized), or with `packed=False` the fake-quantized fp model (dense
@@ -67,34 +67,64 @@ def quantize_to_folder(model_name: str, cfg: QuantConfig, out, *, calib_data="wi
                     "packed": packed, "fp_dtype": fp_dtype, "device": dev.type, "propagate": cfg.propagate}
     fp = {"model": model_fingerprint(lazy), "calibration_sha256": fingerprint(calib) if calib is not None else None,
           "quant_config": cfg.to_dict(), "run": run_settings, "lopro_version": __version__}
+    extra = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
     run = StreamedRun(lazy, out, fp, packed=packed, fp_dtype=fp_dtype, resume=resume, overwrite=overwrite,
-                      offload=choose_offload(offload, nsamples, seqlen, lazy.model.config.hidden_size))
-    on_layer = None
-    if packed:
-        from .qlinear import packer
+                      offload=choose_offload(offload, nsamples, seqlen, lazy.model.config.hidden_size), **extra)
+    try:
+        on_layer = None
+        if packed:
+            from .qlinear import packer
 
-        on_layer = packer(lazy.model)
-    _, report = quantize(lazy.model, cfg, calib, batch_size=batch_size, device=dev, stats_cache=stats_cache,
-                         on_layer=on_layer, io=run)
-    report.summary["model"] = model_name
-    report.summary["calib_data"] = calib_data
-    report.summary["packed"] = packed
-    run.finalize(report, tokenizer=tok)
+            on_layer = packer(lazy.model)
+        _, report = quantize(lazy.model, cfg, calib, batch_size=batch_size, device=dev, stats_cache=stats_cache,
+                             on_layer=on_layer, io=run)
+        report.summary["model"] = model_name
+        report.summary["calib_data"] = calib_data
+        report.summary["packed"] = packed
+        run.finalize(report, tokenizer=tok)
+    finally:
+        run.close()  # the folder's lock; what was finished stays for --resume
     return report.summary
 
 
 def evaluate_ppl(model_or_name, data="wiki", *, seqlen=512, windows=None, bos=False, batch_size=4, device=None,
                  tokenizer=None) -> dict:
-    from ..eval.perplexity import perplexity
+    """Perplexity of a model object, a packed checkpoint, or an fp model folder; the last is streamed
+    block by block from disk (eval.perplexity.perplexity_streamed), so a model of any size fits."""
+    from ..eval.perplexity import perplexity, perplexity_streamed
 
+    lazy = None
     if isinstance(model_or_name, (str, Path)):
-        model, tokenizer, _ = load_model(str(model_or_name), device=device)
+        from .checkpoint import is_lopro_checkpoint
+
+        path = resolve_model_path(str(model_or_name))
+        if is_lopro_checkpoint(path):
+            model, tokenizer, _ = load_model(str(model_or_name), device=device)
+        else:
+            from ..io.lazy import LazyModel
+
+            lazy, (tokenizer, _) = LazyModel(path), load_tokenizer(str(path))
     else:
         model = model_or_name
     tokens = tokenize_split(tokenizer, data, "eval")
     bos_id = tokenizer.bos_token_id if bos else None
     if bos and bos_id is None:
         raise ValueError("--bos asked but the tokenizer has no BOS token")
-    res = perplexity(model, eval_windows(tokens, seqlen, windows, bos_id), batch_size=batch_size)
+    win = eval_windows(tokens, seqlen, windows, bos_id)
+    if lazy is not None:
+        res = _streamed_ppl(lazy, win, batch_size, device)
+    else:
+        res = perplexity(model, win, batch_size=batch_size)
     res.update({"data": data, "bos": bos, "split": "eval"})
     return res
+
+
+def _streamed_ppl(lazy, windows, batch_size, device) -> dict:
+    from ..eval.perplexity import perplexity_streamed
+    from .activations import available_memory, estimate_bytes
+
+    free = available_memory()
+    offload = free is not None and 3 * estimate_bytes(*windows.shape, lazy.model.config.hidden_size) > free // 2
+    dev = torch.device(device) if device else default_device()
+    with tempfile.TemporaryDirectory(prefix="lopro-eval-") as tmp:
+        return perplexity_streamed(lazy, windows, batch_size, dev, offload=offload, folder=tmp)

@@ -37,12 +37,17 @@ class QuantReport:
         return {"config": self.config, "summary": self.summary, "blocks": self.blocks, "layers": self.layers}
 
 
-def proxy_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
-    """tr(dW H dW^T) and the relative output error sqrt(that / tr(W H W^T))."""
-    W, W_hat, H = W.double(), W_hat.double(), H.to(W.device).double()
-    dW = W_hat - W
-    loss = torch.sum((dW @ H) * dW).item()
-    ref = torch.sum((W @ H) * W).item()
+def proxy_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, rows: int = 512) -> tuple[float, float]:
+    """tr(dW H dW^T) and the relative output error sqrt(that / tr(W H W^T)), in fp64, `rows` rows at a
+    time (a whole fp64 copy of a 7B down_proj's H and W would be 1.3 GB)."""
+    loss = ref = 0.0
+    for r in range(0, W.shape[0], rows):
+        w = W[r:r + rows].double()
+        dw = W_hat[r:r + rows].double() - w
+        for c in range(0, H.shape[0], 4096):  # H's rows in fp64 slices too
+            h = H[c:c + 4096].to(W.device).double()
+            loss += torch.sum((dw[:, c:c + 4096] @ h) * dw).item()
+            ref += torch.sum((w[:, c:c + 4096] @ h) * w).item()
     return loss, (loss / ref) ** 0.5 if ref > 0 else float("nan")
 
 

@@ -23,8 +23,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     W, H, _ = hessian.prepare(W, H, damp_percent, with_inverse=False)
     m, n = W.shape
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
+    if act_order:  # (indexing with the identity would copy H twice for nothing)
+        W, H = W[:, perm], H[perm][:, perm]
     Hinv = hessian.inverse_cholesky(H, damp_percent)
+    del H
     g = n if group_size == -1 else group_size
 
     codes = torch.zeros(m, n, dtype=torch.uint8, device=W.device)
