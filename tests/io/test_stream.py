@@ -283,3 +283,33 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path, smollm2_path, corpus):
     eight = save_model(tmp_path / "eight", smollm2_path, layers=8, hidden=768, inter=2048)
     p2, p8 = _peak_rss(two, corpus), _peak_rss(eight, corpus)
     assert p8 <= 1.10 * p2, (p2, p8)
+
+
+def test_fused_moe_experts_stream_from_per_expert_checkpoint(tmp_path, smollm2_path, corpus):
+    """transformers saves Mixtral experts per expert (w1/w2/w3) and fuses them on load; the lazy model
+    goes through the same conversion mapping, and the streamed run equals the in-memory one."""
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    from lopro.data.windows import calibration_windows, tokenize_split
+    from lopro.io.lazy import LazyModel
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=128)
+    folder = tmp_path / "moe"
+    MixtralForCausalLM(cfg).eval().save_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    tok.save_pretrained(folder)
+    lazy = LazyModel(folder)
+    assert lazy.sources["model.layers.0.mlp.experts.gate_up_proj"][0] == "convert"
+    qcfg = QuantConfig(method="gptq", bits=4, group_size=32, options={"min_expert_tokens_per_input": 0.0})
+    quantize_to_folder(str(folder), qcfg, tmp_path / "streamed", calib_data=str(corpus), nsamples=8, seqlen=32,
+                       device="cpu")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    calib = calibration_windows(tokenize_split(tok, str(corpus), "calib"), 8, 32, qcfg.seed)
+    model, report = quantize(model, qcfg, calib, batch_size=8, device="cpu", on_layer=packer(model))
+    save(model, tmp_path / "memory", config=qcfg, report=report, tokenizer=tok)
+    assert hashes(tmp_path / "streamed") == hashes(tmp_path / "memory")
