@@ -19,10 +19,12 @@ backend         what a layer computes with
 ``reference``   QuantLinear's own forward (today's path, any dtype): the fallback and the yardstick.
 ==============  ==================================================================================
 
-The kernel backends (all but ``reference``) also prepare the LoPRo extras once, in the compute
-dtype: the permutation as one int64 ``index_select``, the block rotation as one batched matmul over
-the rotated blocks (the identity block and the leftover columns are not touched), the low-rank
-factors widened once with ``1/alpha`` folded into ``V`` and ``S`` folded into ``U``.
+The kernel backends (all but ``reference``) also prepare the LoPRo extras once: the permutation as
+one int64 ``index_select``, the block rotation as one batched matmul over the rotated blocks (the
+identity block and the leftover columns are not touched), the low-rank factors widened once with
+``1/alpha`` folded into ``V`` and ``S`` folded into ``U``. On CUDA they run in the compute dtype; on
+the CPU they run in fp32 for decode-sized calls (PyTorch's small bf16 GEMMs are several times slower
+than fp32 there, see :class:`Kernel`), the rotation in bf16 for prefill.
 
 lopro's asymmetric codes map into the int4 kernel exactly: the kernel computes
 ``(c' - 8) * s + zero`` per (row, group) with a 4-bit ``c'`` and bf16 ``s`` and ``zero``. 2- and 3-bit
@@ -53,6 +55,7 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 # bf16 and run one GEMM. Measured on 4096x4096 W2/W3/W4 layers (benchmarks/bench_generate.py,
 # "crossover" table, 2 threads): the int4 kernel wins up to ~64-128 tokens on CPU.
 INT4_MAX_TOKENS = {"cpu": 64, "cuda": 128}
+SMALL_TOKENS = 64  # calls up to this many tokens run the LoPRo extras in Kernel.extras_dtype
 DEFAULT_DTYPE = torch.bfloat16
 
 
@@ -186,10 +189,16 @@ class Int4Weight:
 
 
 class Kernel:
-    """A QuantLinear's forward with its extras prepared in the compute dtype (see the module docstring).
+    """A QuantLinear's forward with its extras prepared once (see the module docstring).
 
     Built lazily on the first call and again after a device move (QuantLinear._apply resets it).
     ``choice`` is what :func:`plan` said; ``int4`` is None on the dense path.
+
+    The extras (permutation, rotation, low rank) of a call with few tokens (at most
+    :data:`SMALL_TOKENS`) run in ``extras_dtype``: fp32 on the CPU, where PyTorch's bf16 GEMMs of
+    16-128 columns cost 3-7x their fp32 counterparts (measured: the rank-16 branch of a 576x576
+    layer, 34 us in bf16, 5 us in fp32, one thread), the compute dtype elsewhere. Larger calls run
+    the rotation in the compute dtype. The low-rank factors are held once, in ``extras_dtype``.
     """
 
     def __init__(self, choice: str, dtype: torch.dtype):
@@ -202,7 +211,9 @@ class Kernel:
         self._ready = False
         self.int4: Int4Weight | None = None
         self.rotated: tuple[int, int, int, int] | None = None
-        self.perm = self.hadamard = self.lr_V = self.lr_US = self.bias = None
+        self.hadamard: dict[torch.dtype, torch.Tensor] = {}
+        self.perm = self.lr_V = self.lr_US = self.bias = None
+        self.extras_dtype = self.dtype
 
     # -------------------------------------------------------------- preparation
 
@@ -213,24 +224,24 @@ class Kernel:
         self.reset()
         dtype, spec = self.dtype, mod.spec
         device = mod._any_buffer().device
+        self.extras_dtype = torch.float32 if device.type == "cpu" else dtype
         if self.choice.startswith("int4pack"):
             self.int4 = Int4Weight(mod)
-            if self.choice == "int4pack":
-                self.max_int4_tokens = None  # always
-            else:
-                self.max_int4_tokens = INT4_MAX_TOKENS.get(device.type, 0)
+            self.max_int4_tokens = None if self.choice == "int4pack" else INT4_MAX_TOKENS.get(device.type, 0)
         if spec["perm"]:
             self.perm = mod.perm.to(torch.int64)
         rot = mod.rotation
         if rot is not None and not rot.is_identity:
             self.rotated = (*rot.rotated, rot.num_blocks, rot.block_hadamard)
-            self.hadamard = hadamard_matrix(rot.block_hadamard, dtype=torch.float32, device=device).to(dtype)
+            H = hadamard_matrix(rot.block_hadamard, dtype=torch.float32, device=device)
+            self.hadamard = {dt: H.to(dt) for dt in {dtype, self.extras_dtype}}
         if spec["lowrank"] is not None and spec["lowrank"]["rank"] > 0:
             V = _widen(mod.lr_V, torch.float32)
             if spec["alpha"]:
                 V = V / mod.alpha.to(torch.float32)
-            self.lr_V = V.to(dtype).contiguous()
-            self.lr_US = (_widen(mod.lr_U, torch.float32) * mod.lr_S.to(torch.float32)).to(dtype).contiguous()
+            US = _widen(mod.lr_U, torch.float32) * mod.lr_S.to(torch.float32)
+            self.lr_V = V.to(self.extras_dtype).contiguous()
+            self.lr_US = US.to(self.extras_dtype).contiguous()
         if spec["bias"]:
             self.bias = mod.bias.to(dtype)
         self._ready = True
@@ -238,39 +249,40 @@ class Kernel:
     # -------------------------------------------------------------- compute
 
     def transform(self, x2: torch.Tensor) -> torch.Tensor:
-        """``rot.apply(x2[:, perm])`` with one gather and one batched matmul over the rotated blocks."""
+        """``rot.apply(x2[:, perm])`` with one gather and one batched matmul over the rotated blocks
+        (the identity block and the leftover columns are only copied), in x2's dtype."""
         if self.perm is not None:
-            x2 = x2.index_select(1, self.perm)
-            fresh = True
-        else:
-            fresh = False
+            x2 = x2.index_select(1, self.perm)  # a fresh tensor: rotated in place below
+        elif self.rotated is not None:
+            x2 = x2.clone()
         if self.rotated is not None:
             start, stop, nb, bh = self.rotated
-            out = x2 if fresh else x2.clone()
             mid = x2[:, start:stop].unflatten(-1, (nb, bh))
-            out[:, start:stop] = torch.matmul(mid, self.hadamard).flatten(-2)
-            x2 = out
+            x2[:, start:stop] = torch.matmul(mid, self.hadamard[x2.dtype]).flatten(-2)
         return x2
 
     def __call__(self, mod, x: torch.Tensor) -> torch.Tensor:
         if not self._ready:
             self.prepare(mod)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, mod.in_features).to(self.dtype)
+        x2 = x.reshape(-1, mod.in_features)
         tokens = x2.shape[0]
+        small = tokens <= SMALL_TOKENS
+        xe = x2.to(self.extras_dtype if small else self.dtype)
         y = None
         if mod.spec["residual"] is not None:
-            xt = self.transform(x2)
+            xt = self.transform(xe) if (self.perm is not None or self.rotated is not None) else xe
+            xt = xt.to(self.dtype)
             if self.int4 is not None and (self.max_int4_tokens is None or tokens <= self.max_int4_tokens):
                 y = self.int4.matmul(xt)
             else:
                 scratch = not (torch.is_grad_enabled() and x2.requires_grad)
                 y = F.linear(xt, mod._residual(self.dtype, scratch=scratch))
         if self.lr_V is not None:
-            t = F.linear(x2, self.lr_V)
-            y = F.linear(t, self.lr_US) if y is None else y.addmm_(t, self.lr_US.T)
+            lr = F.linear(F.linear(xe.to(self.lr_V.dtype), self.lr_V), self.lr_US)
+            y = lr.to(self.dtype) if y is None else y.add_(lr)
         if y is None:
-            y = x2.new_zeros(tokens, mod.out_features)
+            y = x2.new_zeros(tokens, mod.out_features, dtype=self.dtype)
         if self.bias is not None:
             y = y.add_(self.bias)
         return y.reshape(*lead, mod.out_features).to(x.dtype)
@@ -278,7 +290,7 @@ class Kernel:
     def nbytes(self) -> int:
         """Run-time bytes this kernel holds beyond the layer's buffers."""
         total = self.int4.nbytes() if self.int4 is not None else 0
-        for t in (self.perm, self.hadamard, self.lr_V, self.lr_US, self.bias):
+        for t in (self.perm, self.lr_V, self.lr_US, self.bias, *self.hadamard.values()):
             if t is not None:
                 total += t.numel() * t.element_size()
         return total
