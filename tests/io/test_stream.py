@@ -313,3 +313,33 @@ def test_fused_moe_experts_stream_from_per_expert_checkpoint(tmp_path, smollm2_p
     model, report = quantize(model, qcfg, calib, batch_size=8, device="cpu", on_layer=packer(model))
     save(model, tmp_path / "memory", config=qcfg, report=report, tokenizer=tok)
     assert hashes(tmp_path / "streamed") == hashes(tmp_path / "memory")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_streamed_run_on_cuda_keeps_one_block_on_the_gpu(model_dir, corpus, tmp_path):
+    from lopro.model.checkpoint import load
+
+    cfg = QuantConfig(method="gptq", **CFG)
+    s = quantize_to_folder(str(model_dir), cfg, tmp_path / "gpu", calib_data=str(corpus), nsamples=4, seqlen=64,
+                           batch_size=2, device="cuda")
+    quantize_to_folder(str(model_dir), cfg, tmp_path / "cpu", calib_data=str(corpus), nsamples=4, seqlen=64,
+                       batch_size=2, device="cpu")
+    block_bytes = sum(p.numel() * 4 for p in tiny_llama(layers=1, vocab=VOCAB).model.layers[0].parameters())
+    assert 0 < s["peak_gpu_bytes"] < 20 * block_bytes + 2**20 and s["peak_rss_bytes"] > 0
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = load(tmp_path / "gpu", device="cpu", backend="reference")(ids).logits
+        b = load(tmp_path / "cpu", device="cpu", backend="reference")(ids).logits
+    assert ((a - b).norm() / b.norm()).item() < 0.05
+
+
+def test_not_enough_disk_is_refused_before_any_work(model_dir, corpus, tmp_path, monkeypatch):
+    import shutil as sh
+    from collections import namedtuple
+
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda _p: Usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(OSError, match="GiB free but the run needs about"):
+        quantize_to_folder(str(model_dir), QuantConfig(method="gptq", **CFG), tmp_path / "o", calib_data=str(corpus),
+                           nsamples=4, seqlen=64, device="cpu")
+    assert not (tmp_path / "o").exists()

@@ -75,6 +75,23 @@ def _differences(old, new, path="") -> list[str]:
     return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
 
 
+def estimate_output_bytes(lazy: LazyModel, bits: int, group_size: int, rank: int, act_bytes: int) -> int:
+    """A generous size of the finished folder plus the run's scratch: packed codes with fp16 scales
+    and zeros, fp16 low-rank factors, the other tensors as stored, two blocks' saved activations."""
+    g = group_size if group_size > 0 else 4096
+    total = 2 * act_bytes
+    for name, info in lazy.found.items():
+        shape = info["shape"]
+        nbytes = torch.Size(shape).numel() * info["dtype"].itemsize
+        if name.startswith(f"{lazy.blocks_name}.") and len(shape) >= 2:
+            m, n = shape[-2], shape[-1]
+            numel = torch.Size(shape).numel()
+            total += int(numel * (bits + 32 / g) / 8) + rank * (m + n) * 2 * (numel // (m * n))
+        else:
+            total += nbytes
+    return total
+
+
 def choose_offload(offload: str, nsamples: int, seqlen: int, hidden: int) -> bool:
     """True when activations go to disk: asked for, or (auto) when three copies would not fit in half
     of the free memory (the block's inputs, its outputs, and the forward's own intermediates)."""
@@ -94,7 +111,7 @@ def choose_offload(offload: str, nsamples: int, seqlen: int, hidden: int) -> boo
 class StreamedRun(BlockIO):
     def __init__(self, lazy: LazyModel, out: str | Path, fingerprint: dict, *, packed: bool = True,
                  fp_dtype: str = "auto", resume: bool = False, overwrite: bool = False, offload: bool = False,
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, need_bytes: int = 0):
         self.lazy, self.out, self.packed, self.fp_dtype = lazy, Path(out), packed, fp_dtype
         self.work = work_folder(self.out)
         self.offload, self.max_shard_bytes = offload, max_shard_bytes
@@ -104,6 +121,11 @@ class StreamedRun(BlockIO):
         self.bytes_written = 0
         self.bytes_read = 0
         self._prepare(resume, overwrite)
+        free = shutil.disk_usage(self.work).free
+        if need_bytes > free:  # checked before any block is computed; a disk filling later is caught at the write
+            self.close()
+            raise OSError(f"{self.work.parent} has {free / 2**30:.1f} GiB free but the run needs about "
+                          f"{need_bytes / 2**30:.1f} GiB: free some space or choose another --out")
 
     # ---------------------------------------------------------------- folder, lock, manifest
     def _prepare(self, resume: bool, overwrite: bool) -> None:

@@ -50,8 +50,9 @@ def quantize_to_folder(model_name: str, cfg: QuantConfig, out, *, calib_data="wi
     from .._version import __version__
     from ..data.windows import fingerprint
     from ..io.lazy import LazyModel
-    from ..io.stream import StreamedRun, choose_offload, model_fingerprint
+    from ..io.stream import StreamedRun, choose_offload, estimate_output_bytes, model_fingerprint
     from ..methods import NEEDS_HESSIAN
+    from .activations import estimate_bytes
 
     out = check_out_folder(out, overwrite)
     path = resolve_model_path(model_name)  # fail fast on a bad name or corpus before loading anything
@@ -68,8 +69,11 @@ def quantize_to_folder(model_name: str, cfg: QuantConfig, out, *, calib_data="wi
     fp = {"model": model_fingerprint(lazy), "calibration_sha256": fingerprint(calib) if calib is not None else None,
           "quant_config": cfg.to_dict(), "run": run_settings, "lopro_version": __version__}
     extra = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
+    hidden = lazy.model.config.hidden_size
+    act = estimate_bytes(nsamples, seqlen, hidden) if calib is not None else 0
+    need = estimate_output_bytes(lazy, cfg.bits if packed else 32, cfg.group_size, cfg.rank if packed else 0, act)
     run = StreamedRun(lazy, out, fp, packed=packed, fp_dtype=fp_dtype, resume=resume, overwrite=overwrite,
-                      offload=choose_offload(offload, nsamples, seqlen, lazy.model.config.hidden_size), **extra)
+                      offload=choose_offload(offload, nsamples, seqlen, hidden), need_bytes=need, **extra)
     try:
         on_layer = None
         if packed:

@@ -19,30 +19,32 @@ def _rss_bytes() -> int:
 
 
 class PeakMemory:
-    """Context manager; `.peak` is the run's peak bytes (RSS sampled every `interval` s on CPU)."""
+    """Context manager: `.peak_rss` is the process's peak resident set (sampled every `interval` s),
+    `.peak_gpu` the CUDA allocator's peak on a CUDA device (None elsewhere), `.peak` the device's."""
 
     def __init__(self, device: torch.device, interval: float = 0.05):
-        self.device, self.interval, self.peak = device, interval, 0
+        self.device, self.interval = device, interval
+        self.peak = self.peak_rss = 0
+        self.peak_gpu: int | None = None
         self._stop = threading.Event()
         self._thread = None
 
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.peak = _rss_bytes()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+        self.peak_rss = _rss_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
         return self
 
     def _sample(self):
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, _rss_bytes())
+            self.peak_rss = max(self.peak_rss, _rss_bytes())
 
     def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_rss = max(self.peak_rss, _rss_bytes())
         if self.device.type == "cuda":
-            self.peak = int(torch.cuda.max_memory_allocated(self.device))
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, _rss_bytes())
+            self.peak_gpu = int(torch.cuda.max_memory_allocated(self.device))
+        self.peak = self.peak_gpu if self.peak_gpu is not None else self.peak_rss

@@ -172,7 +172,7 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
             io.finish_block(i, block, rows, inputs, profile)
             report.blocks.append(profile)
             bar.set_postfix(bits=f"{_mean_bits(report):.3f}")
-    report.summary = _summarise(report, time.perf_counter() - t_start, device, calibration, mem.peak)
+    report.summary = _summarise(report, time.perf_counter() - t_start, device, calibration, mem)
     return model, report
 
 
@@ -262,7 +262,7 @@ def _mean_bits(report: QuantReport) -> float:
     return num / den if den else float("nan")
 
 
-def _summarise(report, seconds, device, calibration, peak_bytes: int) -> dict:
+def _summarise(report, seconds, device, calibration, mem: PeakMemory) -> dict:
     from ..data.windows import fingerprint
 
     return {
@@ -271,7 +271,10 @@ def _summarise(report, seconds, device, calibration, peak_bytes: int) -> dict:
         "layers": len(report.layers),
         "quantized_params": sum(r["shape"][0] * r["shape"][1] for r in report.layers),
         "quant_seconds": seconds, "solve_seconds": sum(r["seconds"] for r in report.layers),
-        "peak_memory_bytes": peak_bytes, "device": str(device),
+        "profile_seconds": {k: sum(b.get(k, 0.0) for b in report.blocks)
+                            for k in ("read_s", "forwards_s", "solve_s", "propagate_s", "write_s")},
+        "peak_memory_bytes": mem.peak, "peak_rss_bytes": mem.peak_rss, "peak_gpu_bytes": mem.peak_gpu,
+        "device": str(device),
         "calibration": None if calibration is None else {
             "nsamples": calibration.shape[0], "seqlen": calibration.shape[1],
             "sha256": fingerprint(calibration)},
