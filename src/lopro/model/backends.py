@@ -12,7 +12,8 @@ backend         what a layer computes with
                 at every token count. Scalar residuals of 2, 3 and 4 bits with contiguous groups of
                 32, 64, 128 or 256 columns; other layers fall back to ``reference``.
 ``dense``       dequantize the residual once per call into the compute dtype (bf16 by default) and
-                run one GEMM; VQ residuals decode their codebooks per call the same way.
+                run one GEMM; VQ residuals decode per call from a flat bf16 codebook table
+                (:class:`VQTable`: one gather) into the same GEMM.
 ``auto``        (default) per layer: ``int4pack`` where supported for calls of at most
                 :data:`INT4_MAX_TOKENS` tokens (decode), ``dense`` above that (prefill, where a bf16
                 GEMM beats the int4 kernel) and for every layer ``int4pack`` does not support.
@@ -188,6 +189,46 @@ class Int4Weight:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_and_zeros))
 
 
+class VQTable:
+    """A VQ residual's codebooks as one flat [codebooks * k, dim] table in the compute dtype, and the
+    row/column offsets that turn a vector's index into its row of the table: decoding is then one
+    unpack, one broadcast add and one gather (``vq_decode`` builds the codebook map and gathers with
+    two int64 index tensors on every call)."""
+
+    def __init__(self, mod, dtype: torch.dtype):
+        from .qlinear import _vq_layout
+
+        res = mod.spec["residual"]
+        lay = _vq_layout(res)
+        dev = mod.vq_indices.device
+        self.dtype = dtype
+        self.shape, self.dim = lay.shape, lay.dim
+        self.nv = lay.n_pad // lay.dim
+        self.ibits = res["bits"] * lay.dim
+        k = 2**self.ibits
+        C = mod.vq_codebooks.to(torch.float32) * mod.vq_scale.to(torch.float32)[:, None, None]
+        self.table = C.reshape(-1, lay.dim).to(dtype)
+        rb = torch.tensor(lay.row_bounds[1:-1], dtype=torch.long, device=dev)
+        cb = torch.tensor(lay.col_bounds[1:-1], dtype=torch.long, device=dev) // lay.dim
+        row_block = torch.bucketize(torch.arange(lay.shape[0], device=dev), rb, right=True)
+        col_group = torch.bucketize(torch.arange(self.nv, device=dev), cb, right=True)
+        self.row_offset = (row_block * k).to(torch.int32)[:, None]
+        self.col_offset = (col_group * lay.num_row_blocks * k).to(torch.int32)[None, :]
+
+    def decode(self, mod) -> torch.Tensor:
+        """Ŵq [m, n] in the compute dtype."""
+        from ..quant.packing import unpack
+
+        idx = unpack(mod.vq_indices, self.ibits, self.nv) if self.ibits <= 8 else mod.vq_indices
+        rows = idx.to(torch.int32).add_(self.row_offset).add_(self.col_offset)
+        m, n = self.shape
+        w = self.table.index_select(0, rows.view(-1)).view(m, self.nv * self.dim)
+        return w if self.nv * self.dim == n else w[:, :n]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.table, self.row_offset, self.col_offset))
+
+
 class Kernel:
     """A QuantLinear's forward with its extras prepared once (see the module docstring).
 
@@ -210,6 +251,7 @@ class Kernel:
     def reset(self) -> None:
         self._ready = False
         self.int4: Int4Weight | None = None
+        self.vq: VQTable | None = None
         self.rotated: tuple[int, int, int, int] | None = None
         self.hadamard: dict[torch.dtype, torch.Tensor] = {}
         self.perm = self.lr_V = self.lr_US = self.bias = None
@@ -228,6 +270,8 @@ class Kernel:
         if self.choice.startswith("int4pack"):
             self.int4 = Int4Weight(mod)
             self.max_int4_tokens = None if self.choice == "int4pack" else INT4_MAX_TOKENS.get(device.type, 0)
+        if spec["residual"] is not None and spec["residual"]["kind"] == "vq" and not mod.cache_weight:
+            self.vq = VQTable(mod, dtype)
         if spec["perm"]:
             self.perm = mod.perm.to(torch.int64)
         rot = mod.rotation
@@ -277,7 +321,8 @@ class Kernel:
                 y = self.int4.matmul(xt)
             else:
                 scratch = not (torch.is_grad_enabled() and x2.requires_grad)
-                y = F.linear(xt, mod._residual(self.dtype, scratch=scratch))
+                w = self.vq.decode(mod) if self.vq is not None else mod._residual(self.dtype, scratch=scratch)
+                y = F.linear(xt, w)
         if self.lr_V is not None:
             lr = F.linear(F.linear(xe.to(self.lr_V.dtype), self.lr_V), self.lr_US)
             y = lr.to(self.dtype) if y is None else y.add_(lr)
@@ -289,7 +334,7 @@ class Kernel:
 
     def nbytes(self) -> int:
         """Run-time bytes this kernel holds beyond the layer's buffers."""
-        total = self.int4.nbytes() if self.int4 is not None else 0
+        total = sum(p.nbytes() for p in (self.int4, self.vq) if p is not None)
         for t in (self.perm, self.lr_V, self.lr_US, self.bias, *self.hadamard.values()):
             if t is not None:
                 total += t.numel() * t.element_size()
