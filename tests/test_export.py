@@ -358,6 +358,11 @@ def test_smollm2_gguf_tokenizer_and_logits(tmp_path, smollm2_path):
     hf = load_gguf(tmp_path / "gguf")
     ids = tok("The quantized model reads 12345 tokens, then <|im_end|> stops.", return_tensors="pt").input_ids
     assert rel(logits(hf, ids), logits(load_exact(tmp_path / "ck"), ids)) < 1e-5
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(tmp_path / "gguf" / "model.gguf")).fields
+    assert fields["tokenizer.ggml.pre"].contents() == "gpt-2" and fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is (tok("a").input_ids[0] == tok.bos_token_id)
     gtok = AutoTokenizer.from_pretrained(tmp_path / "gguf", gguf_file="model.gguf")
     for text in ("Hello world! It's 2026.", " leading space and\nnewline", "<|im_start|>user\nhi<|im_end|>"):
         assert gtok(text).input_ids == tok(text).input_ids, text

@@ -278,8 +278,18 @@ def add_tokenizer(w, folder: Path, vocab_size: int) -> bool:
     w.add_token_list(tokens)
     w.add_token_types(types)
     special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=n)
+    if "bos" not in special.add_special_token:  # say what transformers does, not llama.cpp's default
+        special.add_special_token["bos"] = _adds_bos(folder)
     special.add_to_gguf(w, quiet=True)
     return True
+
+
+def _adds_bos(folder: Path) -> bool:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok("a").input_ids
+    return tok.bos_token_id is not None and len(ids) > 0 and ids[0] == tok.bos_token_id
 
 
 def write_file(path: Path, arch: str, metadata, tensors: list[tuple[str, np.ndarray, str | None]]) -> None:
