@@ -116,6 +116,21 @@ def _blocks_done(work: Path) -> int:
         return 0
 
 
+def block_shards(folder: Path) -> dict[int, str]:
+    """Block index -> SHA-256 over its tensors' names and bytes (whatever file holds them)."""
+    from safetensors import safe_open
+
+    h: dict[int, "hashlib._Hash"] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            for name in sorted(fh.keys()):
+                if name.startswith("model.layers."):
+                    k = int(name.split(".")[2])
+                    t = fh.get_tensor(name).contiguous().reshape(-1).view(torch.uint8)
+                    h.setdefault(k, hashlib.sha256()).update(name.encode() + t.numpy().tobytes())
+    return {k: v.hexdigest() for k, v in h.items()}
+
+
 def shard_hashes(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.safetensors"))}
 
@@ -129,6 +144,12 @@ def main(argv=None) -> int:
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resume-check", action="store_true", help="also SIGKILL a GPTQ run mid-way and --resume it")
+    p.add_argument("--kill-after-blocks", type=int, default=None,
+                   help="SIGKILL each main run once this many blocks are finished (plus a random delay), then "
+                        "rerun it with --resume: the resumed run is the one measured")
+    p.add_argument("--reference", default=None,
+                   help="an output folder of the same model cut to fewer layers (same seeds, so the same first "
+                        "blocks): each of its block shards must equal this run's, byte for byte")
     p.add_argument("--eval-windows", type=int, default=2)
     p.add_argument("--fp-eval", action="store_true", help="also the streamed perplexity of the fp model")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/scale/bench_scale.json"))
@@ -159,7 +180,13 @@ def main(argv=None) -> int:
         dump()
     for name in a.runs.split(","):
         dest = scratch / f"out-{name}-{a.layers}l"
-        run = {"quantize": lopro("quantize", *common, *RUNS[name], "--out", str(dest), "--overwrite", env=env)}
+        args = [*common, *RUNS[name], "--out", str(dest)]
+        if a.kill_after_blocks:
+            killed = lopro("quantize", *args, "--overwrite", env=env, kill_after_blocks=a.kill_after_blocks,
+                           work=dest.parent / f".{dest.name}.partial")
+            run = {"killed": killed, "quantize": lopro("quantize", *args, "--resume", env=env)}
+        else:
+            run = {"quantize": lopro("quantize", *args, "--overwrite", env=env)}
         results["runs"][name] = run
         dump()
         if run["quantize"]["rc"] != 0:
@@ -169,6 +196,13 @@ def main(argv=None) -> int:
         run["blocks"] = report["blocks"]
         run["summary"] = report["summary"]
         run["checkpoint_bytes"] = sum(f.stat().st_size for f in dest.glob("*.safetensors"))
+        if a.reference:
+            ref = Path(a.reference.format(name=name))
+            mine, theirs = block_shards(dest), block_shards(ref)
+            common_blocks = sorted(set(mine) & set(theirs))
+            run["reference_check"] = {"reference": str(ref), "blocks_compared": common_blocks,
+                                      "byte_identical": bool(common_blocks) and all(mine[b] == theirs[b]
+                                                                                    for b in common_blocks)}
         run["eval"] = lopro("eval", "--model", str(dest), "--windows", str(a.eval_windows), "--seqlen", str(a.seqlen),
                             "--device", "cpu", "--json", env=env)
         run["generate"] = lopro("generate", "--model", str(dest), "--prompt", "The capital of France is",

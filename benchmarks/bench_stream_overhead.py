@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    print(f"| path | median quant s | median wall s | peak RSS MiB |\n|---|---|---|---|")
+    print("| path | median quant s | median wall s | peak RSS MiB |\n|---|---|---|---|")
     for k, m in med.items():
         print(f"| {k} | {m['quant_s']:.1f} | {m['wall_s']:.1f} | {m['peak_rss_bytes'] / 2**20:.0f} |")
     print(f"streamed / in-memory: quantization {result['ratio_quant_s']:.3f}x, wall {result['ratio_wall_s']:.3f}x; "

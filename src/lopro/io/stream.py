@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 
-from .._version import __version__
 from ..model.activations import Activations, available_memory, estimate_bytes
 from ..model.checkpoint import (DEFAULT_SHARD_BYTES, WEIGHTS_NAME, build_quantization_config, fp_storage,
                                 tensors_to_save, write_index, write_metadata, write_tensors)

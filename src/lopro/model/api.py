@@ -1,9 +1,7 @@
 """High-level jobs behind the CLI: quantize a named model into a folder, evaluate a model."""
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -95,7 +93,7 @@ def evaluate_ppl(model_or_name, data="wiki", *, seqlen=512, windows=None, bos=Fa
                  tokenizer=None) -> dict:
     """Perplexity of a model object, a packed checkpoint, or an fp model folder; the last is streamed
     block by block from disk (eval.perplexity.perplexity_streamed), so a model of any size fits."""
-    from ..eval.perplexity import perplexity, perplexity_streamed
+    from ..eval.perplexity import perplexity
 
     lazy = None
     if isinstance(model_or_name, (str, Path)):
