@@ -158,15 +158,19 @@ class LazyModel:
         """Fill every tensor under `prefix` (or the tensors `names`) from disk, in `dtype` (default:
         self.dtype), on the CPU; checks that they are finite. Returns the bytes read."""
         names = self.names_under(prefix) if names is None else names
-        nbytes = 0
-        for name, t in self.read(names, dtype or self.dtype).items():
+        tensors = self.read(names, dtype or self.dtype)
+        self.assign(tensors, prefix)
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def assign(self, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
+        """Put tensors (by module name) in place; ties the head again unless inside one block; checks
+        that they are finite."""
+        for name, t in tensors.items():
             _assign(self.model, name, t)
-            nbytes += t.numel() * t.element_size()
         if not prefix.startswith(f"{self.blocks_name}."):
             self.model.tie_weights()
         root = self.model.get_submodule(prefix.rstrip(".")) if prefix else self.model
         check_finite(root)
-        return nbytes
 
     def release_names(self, names: list[str]) -> None:
         for name in names:

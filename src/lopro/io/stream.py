@@ -217,12 +217,17 @@ class StreamedRun(BlockIO):
     def _fp(self, t: torch.Tensor) -> torch.Tensor:
         return fp_storage(t, self.fp_dtype) if self.packed else t.to(torch.float32)
 
-    def _write_outside(self) -> None:
-        names = self.lazy.outside_blocks()
-        stored = self.lazy.read(names)  # as stored: fp storage never widens what the source holds
+    def _write_outside(self, stored: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors outside the blocks, read once as stored (fp storage never widens them) and written
+        as the last shard; returned for the capture."""
+        stored = stored if stored is not None else self._read_outside()
+        self.manifest["outside"] = self._write(self.files[-1], {k: self._fp(t).contiguous() for k, t in stored.items()})
+        return stored
+
+    def _read_outside(self) -> dict[str, torch.Tensor]:
+        stored = self.lazy.read(self.lazy.outside_blocks())
         self.bytes_read += sum(t.numel() * t.element_size() for t in stored.values())
-        rec = self._write(self.files[-1], {k: self._fp(t).contiguous() for k, t in stored.items()})
-        self.manifest["outside"] = rec
+        return stored
 
     def _verified(self, rec: dict | None) -> bool:
         path = self.work / rec["file"] if rec else None
@@ -266,12 +271,13 @@ class StreamedRun(BlockIO):
         return start, inputs, [r for rec in m["blocks"] for r in rec["rows"]], [rec["profile"] for rec in m["blocks"]]
 
     def capture(self, model, first_block, batches) -> Activations:
+        stored = self._read_outside()
         if not self._verified(self.manifest["outside"]):
-            self._write_outside()
-        names = self.lazy.outside_blocks()
-        self.lazy.load("", names=names)
+            self._write_outside(stored)
+        self.lazy.assign({k: t.to(self.lazy.dtype) if t.is_floating_point() else t for k, t in stored.items()})
+        del stored
         acts = capture_activations(model, first_block, batches)
-        self.lazy.release_names(names)
+        self.lazy.release_names(self.lazy.outside_blocks())
         kw = self.work / "acts" / "kwargs.pt"
         kw.parent.mkdir(exist_ok=True)
         atomic_write(kw, b"", writer=lambda tmp: torch.save(acts.kwargs, tmp))
