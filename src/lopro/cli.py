@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bos", action="store_true", help="put BOS first in each window")
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--device", default=None)
+    _add_backend_arg(e)
     e.add_argument("--json", action="store_true")
 
     c = sub.add_parser("compare", help="quantize and evaluate a grid of methods x bits; cached per entry")
@@ -159,11 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--device", default=None)
+    _add_backend_arg(g)
     g.add_argument("--json", action="store_true")
 
     i = sub.add_parser("info", help="config, effective bits and size of a packed checkpoint")
     i.add_argument("folder")
     i.add_argument("--verify", action="store_true", help="also check every tensor against the config")
+    _add_backend_arg(i)
     i.add_argument("--json", action="store_true")
 
     _add_export_parser(sub)
@@ -180,24 +183,54 @@ def cmd_quantize(a) -> dict:
                                  seqlen=a.seqlen, batch_size=a.batch_size, device=a.device,
                                  overwrite=a.overwrite, stats_cache=a.stats_cache, packed=not a.fake,
                                  fp_dtype=a.fp_dtype, resume=a.resume, offload=a.offload)
-    log.warning("wrote %s: effective bits %.3f, %.1f s", a.out, summary["effective_bits"], summary["quant_seconds"])
+    prof = summary["profile_seconds"]
+    log.warning("wrote %s: effective bits %.3f, %.1f s (read %.1f, forwards %.1f, solves %.1f, propagation %.1f, "
+                "write %.1f), peak RSS %.2f GiB%s", a.out, summary["effective_bits"], summary["quant_seconds"],
+                prof["read_s"], prof["forwards_s"], prof["solve_s"], prof["propagate_s"], prof["write_s"],
+                summary["peak_rss_bytes"] / 2**30,
+                f", peak GPU {summary['peak_gpu_bytes'] / 2**30:.2f} GiB" if summary["peak_gpu_bytes"] else "")
     return summary
+
+
+def _add_backend_arg(p: argparse.ArgumentParser) -> None:
+    from .model.backends import BACKENDS
+
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="kernels of a packed checkpoint's layers (auto: int4 kernel for decode, bf16 GEMM for "
+                        "prefill, in bf16; reference: the dequantizing path in fp32)")
+
+
+def _load_for_inference(name: str, device, backend: str):
+    """(model, tokenizer): a packed checkpoint loads with `backend`, any other model as load_model does."""
+    from .model.checkpoint import is_lopro_checkpoint, load
+    from .model.loading import default_device, load_model, load_tokenizer
+
+    tok, path = load_tokenizer(name)
+    if is_lopro_checkpoint(path):
+        return load(path, device=device or default_device(), dtype=torch.float32, backend=backend), tok
+    model, tok, _ = load_model(name, device=device)
+    return model, tok
 
 
 def cmd_eval(a) -> dict:
     from .model.api import evaluate_ppl
 
-    res = evaluate_ppl(a.model, a.data, seqlen=a.seqlen, windows=a.windows, bos=a.bos,
-                       batch_size=a.batch_size, device=a.device)
+    from .model.checkpoint import is_lopro_checkpoint
+    from .model.loading import resolve_model_path
+
+    if is_lopro_checkpoint(resolve_model_path(a.model)):
+        model, tok = _load_for_inference(a.model, a.device, a.backend)
+    else:  # an fp model is streamed block by block from its folder: any size fits
+        model, tok = a.model, None
+    res = evaluate_ppl(model, a.data, seqlen=a.seqlen, windows=a.windows, bos=a.bos,
+                       batch_size=a.batch_size, device=a.device, tokenizer=tok)
     log.warning("perplexity on %s (seqlen %d, %d tokens): %.3f", res["data"], res["seqlen"], res["tokens"],
                 res["ppl"])
     return res
 
 
 def cmd_generate(a) -> dict:
-    from .model.loading import load_model
-
-    model, tok, _ = load_model(a.model, device=a.device)
+    model, tok = _load_for_inference(a.model, a.device, a.backend)
     device = next(model.parameters()).device
     outputs = []
     for prompt in a.prompt:
@@ -216,7 +249,13 @@ def cmd_generate(a) -> dict:
 def cmd_info(a) -> dict:
     from .model.checkpoint import checkpoint_info, verify_folder
 
+    from .model.backends import plan_specs
+    from .model.checkpoint import read_quantization_config
+    from .model.loading import default_device
+
     info = checkpoint_info(a.folder)
+    info["backend"] = plan_specs(read_quantization_config(a.folder)["modules"], a.backend,
+                                 device=default_device())
     if a.verify:
         verify_folder(a.folder)
         info["verified"] = True
@@ -235,6 +274,13 @@ def _print_info(info: dict) -> None:
              f"  lopro {info['lopro_version']}, calibration sha256 {info['calibration_sha256']}",
              f"  hadamard {info['hadamard_convention']}" + ("  [verified]" if info.get("verified") else ""),
              "  config " + json.dumps(info["quant_config"], sort_keys=True)]
+    b = info.get("backend")
+    if b:
+        lines.insert(-1, f"  backend          {b['backend']} on {b['device']} ({b['dtype']}): "
+                     + ", ".join(f"{k} {v}" for k, v in sorted(b["layers"].items()))
+                     + (f" (int4 kernel up to {b['max_int4_tokens']} tokens a call)"
+                        if "int4pack+dense" in b["layers"] else "")
+                     + "".join(f"; not int4: {v} x {k}" for k, v in b["fallback_reasons"].items()))
     sys.stdout.write("\n".join(lines) + "\n")
 
 

@@ -56,7 +56,7 @@ def test_round_trip_logits_match_fake_quantized(tmp_path, method):
     model, fake, cfg, report = packed_and_fake(method)
     assert all(isinstance(model.get_submodule(n), QuantLinear) for n in ck.quant_linear_specs(model))
     ck.save(model, tmp_path / "out", config=cfg, report=report)
-    loaded = ck.load(tmp_path / "out", device="cpu")
+    loaded = ck.load(tmp_path / "out", device="cpu", backend="reference")
     ref = logits(fake)
     assert rel(logits(model), ref) < 1e-3
     assert torch.equal(logits(loaded), logits(model))
@@ -95,7 +95,7 @@ def test_load_model_detects_packed_checkpoint(saved, monkeypatch):
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: None)
     got, _tok, _ = loading.load_model(str(out), device="cpu")
     assert isinstance(got.model.layers[0].mlp.gate_proj, QuantLinear)
-    assert torch.equal(logits(got), logits(model))
+    assert rel(logits(got), logits(model)) < 2e-2  # default backend "auto": bf16 compute
 
 
 def test_sharded_and_narrow_fp_storage(tmp_path):
@@ -109,7 +109,7 @@ def test_sharded_and_narrow_fp_storage(tmp_path):
     assert found["model.embed_tokens.weight"]["dtype"] == torch.bfloat16
     assert found["model.norm.weight"]["dtype"] == torch.bfloat16  # ones
     assert "lm_head.weight" not in found  # tied to the embeddings
-    loaded = ck.load(tmp_path / "s", device="cpu")
+    loaded = ck.load(tmp_path / "s", device="cpu", backend="reference")
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
     assert loaded.model.embed_tokens.weight.dtype == torch.float32
     assert torch.equal(logits(loaded), logits(model))
@@ -285,7 +285,7 @@ def test_lopro_rank_auto_round_trip(tmp_path):
     ranks = {f"model.layers.{r['block']}.{r['name']}": r["rank"] for r in report.layers}
     assert len(set(ranks.values())) > 1 and max(ranks.values()) > 0, ranks
     ck.save(model, tmp_path / "out", config=cfg, report=report)
-    loaded = ck.load(tmp_path / "out", device="cpu")
+    loaded = ck.load(tmp_path / "out", device="cpu", backend="reference")
     assert rel(logits(loaded), logits(fake)) < 1e-3
     assert torch.equal(logits(loaded), logits(model))
     saved = {name: s["lowrank"]["rank"] for name, s in ck.quant_linear_specs(loaded).items()}

@@ -431,13 +431,15 @@ def default_load_dtype(device: torch.device) -> torch.dtype:
 
 
 def load(folder: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-         compute_dtype: torch.dtype | None = None) -> nn.Module:
+         compute_dtype: torch.dtype | None = None, backend: str = "auto") -> nn.Module:
     """A ready (eval-mode) model from a packed checkpoint.
 
     device: where the model goes (default: cuda if available, else cpu). dtype: the unquantized
     tensors' dtype (default fp32 on CPU, bf16 on CUDA). compute_dtype: the QuantLinear compute
     dtype (default: follow the activations). Tensors are checked before any is read and loaded one
-    at a time straight into place.
+    at a time straight into place. backend: the packed layers' kernels (``lopro.model.backends``:
+    auto, int4pack, dense, reference); all but ``reference`` compute in `compute_dtype` (default
+    bf16) and cast the unquantized tensors to it.
     """
     from safetensors import safe_open
 
@@ -468,6 +470,9 @@ def load(folder: str | Path, device: str | torch.device | None = None, dtype: to
     model.to(device)
     model.eval()
     model.config.quantization_config = read_quantization_config(folder)
+    from .backends import set_backend
+
+    set_backend(model, backend, compute_dtype)
     return model
 
 
