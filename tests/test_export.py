@@ -85,7 +85,8 @@ def read_gptq_layer(tensors: dict, name: str, bits: int, v2: bool = False) -> to
 
 @pytest.mark.parametrize("method,bits,group_size,kw,fmt", [
     ("rtn", 4, 32, {}, "gptq"), ("gptq", 3, 32, {}, "gptq"), ("gptq", 2, 64, {"sym": True}, "gptq"),
-    ("rtn", 8, -1, {}, "gptq"), ("gptq", 4, 32, {"desc_act": True}, "gptq"), ("rtn", 3, 48, {}, "gptq_v2"),  # a group with zero 0 and code 7
+    ("rtn", 8, -1, {}, "gptq"), ("gptq", 4, 32, {"desc_act": True}, "gptq"),
+    ("rtn", 3, 48, {}, "gptq_v2"),  # a group with zero point 0 that uses code 7: auto writes gptq_v2
 ])
 def test_gptq_format_reads_back_the_same_weights(tmp_path, method, bits, group_size, kw, fmt):
     ck = checkpoint(tmp_path, method, bits, group_size, **kw)
@@ -215,7 +216,10 @@ def merged_peft(folder, base_weights: dict) -> dict:
     return out
 
 
-@pytest.mark.parametrize("method,bits,kw", [("lqer", 3, {}), ("flrq", 4, {"sym": True, "rank_dtype": "fp16", "options": {"rank_mode": "fixed"}}),
+FLRQ_FIXED = {"sym": True, "rank_dtype": "fp16", "options": {"rank_mode": "fixed"}}
+
+
+@pytest.mark.parametrize("method,bits,kw", [("lqer", 3, {}), ("flrq", 4, FLRQ_FIXED),
                                             ("lowrank-gptq", 4, {})])
 def test_lora_gguf_base_plus_adapter_is_the_dense_weight(tmp_path, method, bits, kw):
     ck = checkpoint(tmp_path, method, bits, 32, **kw)

@@ -62,7 +62,8 @@ def _gguf_layer(name: str, mod, lossy: str | None, residual_only: bool, bit_exac
                               "not hold; use format='lora' (the residual as the GGUF base plus a LoRA adapter, "
                               "exact) or lossy='q8_0' to fold it into re-quantized dense weights")
         raw, kind, stats = gguf_file.encode_exact(layer, bit_exact)
-        entry = {"type": kind, "bits": layer.bits, **stats, **_err(gguf_file.decode(raw, kind), layer.dequantize())}
+        entry = {"type": kind, "bits": layer.bits, "file_bits_per_weight": gguf_file.bits_per_weight(kind), **stats,
+                 **_err(gguf_file.decode(raw, kind), layer.dequantize())}
         entry["exact"] = entry["max_abs_error"] == 0.0
         return raw, kind, entry, layer.bias
     except ExportError:
@@ -71,7 +72,8 @@ def _gguf_layer(name: str, mod, lossy: str | None, residual_only: bool, bit_exac
     ref = mod.dense_weight() if not residual_only else mod.dense_weight() - (mod.lowrank_weight() if rank else 0)
     raw, kind = gguf_file.requantize(ref, lossy)
     back = torch.from_numpy(raw.astype("float32")) if kind == "F16" else gguf_file.decode(raw, kind)
-    entry = {"type": kind, "exact": False, "lossy": lossy, **_err(back, ref)}
+    entry = {"type": kind, "exact": False, "lossy": lossy, "file_bits_per_weight": gguf_file.bits_per_weight(kind),
+             **_err(back, ref)}
     log.warning("%s: re-quantized to %s (lossy): relative error %.3e", name, kind, entry["rel_error"])
     bias = mod.bias.detach().float() if mod.spec["bias"] else None
     return raw, kind, entry, bias
