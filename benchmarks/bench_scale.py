@@ -135,6 +135,28 @@ def shard_hashes(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.safetensors"))}
 
 
+def check_partial(dest: Path, reference: str | None, out: Path) -> int:
+    """Per-block profiles and byte equality of the blocks an unfinished (stopped) run has written."""
+    work = dest.parent / f".{dest.name}.partial"
+    body = json.loads((work / "manifest.json").read_text())["body"]
+    mine = block_shards(work)
+    res = {"work": str(work), "blocks_finished": len(body["blocks"]), "profiles": [b["profile"] for b in body["blocks"]],
+           "shard_bytes": [b["bytes"] for b in body["blocks"]]}
+    if reference:
+        theirs = block_shards(Path(reference.format(name=dest.name.split("-")[1])))
+        done = [b["index"] for b in body["blocks"]]
+        common = [k for k in done if k in theirs]
+        res["reference_check"] = {"reference": reference, "blocks_compared": common,
+                                  "byte_identical": bool(common) and all(mine[k] == theirs[k] for k in common)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    for prof in res["profiles"]:
+        print("block {block}: read {read_s:.1f} s, forwards {forwards_s:.1f} s, solves {solve_s:.1f} s, "
+              "propagation {propagate_s:.1f} s, write {write_s:.1f} s".format(**prof))
+    print("reference check:", res.get("reference_check"))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scratch", required=True, help="folder outside the repo for the 27 GB model and the outputs")
@@ -152,8 +174,13 @@ def main(argv=None) -> int:
                         "blocks): each of its block shards must equal this run's, byte for byte")
     p.add_argument("--eval-windows", type=int, default=2)
     p.add_argument("--fp-eval", action="store_true", help="also the streamed perplexity of the fp model")
+    p.add_argument("--check-partial", default=None, metavar="RUN",
+                   help="no new run: read the unfinished folder of RUN (its manifest's per-block profiles) and, "
+                        "with --reference, compare its finished blocks' tensors to the reference's")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/scale/bench_scale.json"))
     a = p.parse_args(argv)
+    if a.check_partial:
+        return check_partial(Path(a.scratch) / f"out-{a.check_partial}-{a.layers}l", a.reference, Path(a.out))
     scratch = Path(a.scratch)
     model = scratch / f"llama7b-shape-{a.layers}l"
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}

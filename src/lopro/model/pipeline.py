@@ -168,7 +168,7 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
             rows = [r for r in report.layers if r["block"] == i]
             solve = sum(r["seconds"] for r in rows)
             profile = {"block": i, "read_s": t1 - t0, "forwards_s": t2 - t1 - solve, "solve_s": solve,
-                       "propagate_s": t3 - t2}
+                       "propagate_s": t3 - t2, "peak_rss_bytes": mem.peak_rss}  # the run's peak so far
             io.finish_block(i, block, rows, inputs, profile)
             report.blocks.append(profile)
             bar.set_postfix(bits=f"{_mean_bits(report):.3f}")
