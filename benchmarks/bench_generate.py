@@ -359,17 +359,24 @@ def main() -> None:
     res: dict = {"threads": a.threads, "device": a.device, "torch": torch.__version__,
                  "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
                  "busy_flag": os.path.exists("/tmp/lopro-busy"), "command": " ".join(sys.argv)}
-    if a.part in ("layer", "all"):
-        res["layer"] = bench_layer(a)
-    if a.part in ("e2e", "all"):
-        res["e2e"] = bench_e2e(a)
-    res["busy_flag_end"] = os.path.exists("/tmp/lopro-busy")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1, default=str))
-    os.replace(tmp, out)
-    sys.stdout.write(table(res))
+
+    def write():  # after each part, so that a part that finished is kept
+        res["busy_flag_end"] = os.path.exists("/tmp/lopro-busy")
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=1, default=str))
+        os.replace(tmp, out)
+
+    if a.part in ("layer", "all"):
+        res["layer"] = bench_layer(a)
+        write()
+        sys.stdout.write(table({**res, "e2e": None}))
+        sys.stdout.flush()
+    if a.part in ("e2e", "all"):
+        res["e2e"] = bench_e2e(a)
+        write()
+        sys.stdout.write(table({**res, "layer": None}))
 
 
 if __name__ == "__main__":
