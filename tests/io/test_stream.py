@@ -97,9 +97,11 @@ def test_large_output_stays_sharded_with_index(model_dir, corpus, tmp_path):
     # a 1-byte shard limit: the output counts as large, so the per-block files stay, with their index
     quantize_to_folder(str(model_dir), cfg, tmp_path / "out", calib_data=str(corpus), device="cpu", max_shard_bytes=1)
     files = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
-    assert files == [f"model-{k:05d}-of-00005.safetensors" for k in range(1, 6)]
+    # one shard per block, then one per tensor outside the blocks (embeddings, final norm; the head is tied)
+    assert files == [f"model-{k:05d}-of-00006.safetensors" for k in range(1, 7)]
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
-    assert index["weight_map"]["model.embed_tokens.weight"] == "model-00005-of-00005.safetensors"
+    assert index["weight_map"]["model.embed_tokens.weight"] == "model-00005-of-00006.safetensors"
+    assert index["weight_map"]["model.norm.weight"] == "model-00006-of-00006.safetensors"
     load(tmp_path / "out", device="cpu")
 
 

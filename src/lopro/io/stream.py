@@ -4,8 +4,9 @@ The model is a :class:`~lopro.io.lazy.LazyModel`; each decoder block is read jus
 quantized and, once done, written at once as one shard of the final checkpoint and freed. Until the
 run finishes, everything lives in ``.<out>.partial/`` beside ``--out``:
 
-- ``model-0000k-of-0000N.safetensors``: block k - 1's tensors; the last shard holds the tensors
-  outside the blocks (embeddings, final norm, head);
+- ``model-0000k-of-0000N.safetensors``: block k - 1's tensors, then one shard per tensor outside
+  the blocks (embeddings, final norm, head: written one at a time, so that serialising them never
+  holds more than one of them twice in memory);
 - ``acts/<block>/batch-*.safetensors`` and ``acts/kwargs.pt``: the calibration activations entering
   the next block(s), saved verbatim (recomputing them would not give the same bits);
 - ``manifest.json`` (and the previous one, ``manifest.prev.json``): the run's fingerprint (model
@@ -45,6 +46,7 @@ MANIFEST = "manifest.json"
 PREV_MANIFEST = "manifest.prev.json"
 MANIFEST_VERSION = 1
 OFFLOAD = ("auto", "ram", "disk")
+MERGE_BYTES = 1 << 30  # outputs up to this size become one model.safetensors (merging holds them twice in memory)
 
 
 class ResumeError(ValueError):
@@ -115,7 +117,9 @@ class StreamedRun(BlockIO):
         self.work = work_folder(self.out)
         self.offload, self.max_shard_bytes = offload, max_shard_bytes
         self.n = len(lazy.blocks)
-        self.files = [f"model-{k:05d}-of-{self.n + 1:05d}.safetensors" for k in range(1, self.n + 2)]
+        self.outside = lazy.outside_blocks()
+        total = self.n + len(self.outside)
+        self.files = [f"model-{k:05d}-of-{total:05d}.safetensors" for k in range(1, total + 1)]
         self.fingerprint = fingerprint
         self.bytes_written = 0
         self.bytes_read = 0
@@ -151,7 +155,7 @@ class StreamedRun(BlockIO):
                                   + "; ".join(diff[:6]) + "). Rerun with the original settings, or --overwrite "
                                   "to start again")
         else:
-            self.manifest = {"version": MANIFEST_VERSION, "fingerprint": self.fingerprint, "outside": None,
+            self.manifest = {"version": MANIFEST_VERSION, "fingerprint": self.fingerprint, "outside": [],
                              "kwargs": None, "inputs": {}, "blocks": []}
             self._write_manifest()
 
@@ -217,17 +221,25 @@ class StreamedRun(BlockIO):
     def _fp(self, t: torch.Tensor) -> torch.Tensor:
         return fp_storage(t, self.fp_dtype) if self.packed else t.to(torch.float32)
 
-    def _write_outside(self, stored: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """The tensors outside the blocks, read once as stored (fp storage never widens them) and written
-        as the last shard; returned for the capture."""
-        stored = stored if stored is not None else self._read_outside()
-        self.manifest["outside"] = self._write(self.files[-1], {k: self._fp(t).contiguous() for k, t in stored.items()})
-        return stored
+    def _outside(self, assign: bool) -> None:
+        """The tensors outside the blocks, each read once as stored (fp storage never widens it), written
+        as its own shard unless already verified, and (`assign`) put in the model for the capture."""
+        done = self._outside_verified()
+        recs = []
+        for j, name in enumerate(self.outside):
+            t = self.lazy.read([name])[name]
+            self.bytes_read += t.numel() * t.element_size()
+            rec = done.get(name)
+            if rec is None:
+                rec = self._write(self.files[self.n + j], {name: self._fp(t).contiguous()})
+            recs.append(rec)
+            if assign:
+                self.lazy.assign({name: t.to(self.lazy.dtype) if t.is_floating_point() else t})
+            del t
+        self.manifest["outside"] = recs
 
-    def _read_outside(self) -> dict[str, torch.Tensor]:
-        stored = self.lazy.read(self.lazy.outside_blocks())
-        self.bytes_read += sum(t.numel() * t.element_size() for t in stored.values())
-        return stored
+    def _outside_verified(self) -> dict[str, dict]:
+        return {name: rec for rec in self.manifest["outside"] or [] if self._verified(rec) for name in rec["tensors"]}
 
     def _verified(self, rec: dict | None) -> bool:
         path = self.work / rec["file"] if rec else None
@@ -260,8 +272,8 @@ class StreamedRun(BlockIO):
             start -= 1
         if inputs is None:
             start = 0
-        if not self._verified(m["outside"]):
-            self._write_outside()
+        if len(self._outside_verified()) != len(self.outside):
+            self._outside(assign=False)
         m["blocks"] = m["blocks"][:start]
         m["inputs"] = {k: v for k, v in m["inputs"].items() if int(k) >= start}
         self._write_manifest()
@@ -271,13 +283,9 @@ class StreamedRun(BlockIO):
         return start, inputs, [r for rec in m["blocks"] for r in rec["rows"]], [rec["profile"] for rec in m["blocks"]]
 
     def capture(self, model, first_block, batches) -> Activations:
-        stored = self._read_outside()
-        if not self._verified(self.manifest["outside"]):
-            self._write_outside(stored)
-        self.lazy.assign({k: t.to(self.lazy.dtype) if t.is_floating_point() else t for k, t in stored.items()})
-        del stored
+        self._outside(assign=True)
         acts = capture_activations(model, first_block, batches)
-        self.lazy.release_names(self.lazy.outside_blocks())
+        self.lazy.release_names(self.outside)
         kw = self.work / "acts" / "kwargs.pt"
         kw.parent.mkdir(exist_ok=True)
         atomic_write(kw, b"", writer=lambda tmp: torch.save(acts.kwargs, tmp))
@@ -331,7 +339,7 @@ class StreamedRun(BlockIO):
         m = self.manifest
         if len(m["blocks"]) != self.n:
             raise RuntimeError(f"only {len(m['blocks'])} of {self.n} blocks are finished in {self.work}")
-        recs = m["blocks"] + [m["outside"]]
+        recs = m["blocks"] + m["outside"]
         weight_map = {name: rec["file"] for rec in recs for name in rec["tensors"]}
         total = sum(b for rec in recs for b in rec["tensors"].values())
         fp_sizes: dict[torch.dtype, int] = {}
@@ -341,7 +349,7 @@ class StreamedRun(BlockIO):
                 fp_sizes[getattr(torch, name)] = fp_sizes.get(getattr(torch, name), 0) + numel
         report.summary.update({"bytes_read": self.bytes_read, "bytes_written": self.bytes_written,
                                "resumed_from_block": getattr(self, "resumed_from", 0)})
-        if total <= self.max_shard_bytes:  # small models: one file, as save() writes it
+        if total <= min(self.max_shard_bytes, MERGE_BYTES):  # small models: one file, as save() writes it
             from safetensors.torch import load_file
 
             merged = {}
