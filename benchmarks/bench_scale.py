@@ -29,6 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {
+    "rtn": ["--method", "rtn", "--bits", "4", "--group-size", "128"],
     "gptq": ["--method", "gptq", "--bits", "4", "--group-size", "128"],
     "lopro": ["--method", "lopro", "--bits", "2", "--group-size", "64", "--rank", "16"],
 }

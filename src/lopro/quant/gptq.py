@@ -25,7 +25,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=W.device)
     if act_order:  # (indexing with the identity would copy H twice for nothing)
         W, H = W[:, perm], H[perm][:, perm]
-    Hinv = hessian.inverse_cholesky(H, damp_percent)
+    Hinv = hessian.inverse_cholesky(H, damp_percent, overwrite=True)  # H (prepare's copy) is not needed after
     del H
     g = n if group_size == -1 else group_size
 

@@ -19,20 +19,22 @@ def dead_columns(H: torch.Tensor) -> torch.Tensor:
     return torch.diag(H) == 0
 
 
-def inverse_cholesky(H: torch.Tensor, damp_percent: float = 0.01) -> torch.Tensor:
+def inverse_cholesky(H: torch.Tensor, damp_percent: float = 0.01, overwrite: bool = False) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, as GPTQ uses it.
 
     Dead columns must already have H_jj = 1. If the factorisation fails, the damping is
-    multiplied by 10 and retried (logged), up to MAX_DAMP_RETRIES times.
+    multiplied by 10 and retried (logged), up to MAX_DAMP_RETRIES times. With `overwrite`, the
+    damping is added to H itself (an fp32 H the caller no longer needs), which saves one n x n copy.
     """
     H = H.to(torch.float32)
     n = H.shape[0]
     mean_diag = torch.mean(torch.diag(H)).clamp_min(1e-8)
     damp = damp_percent
+    diag = torch.diag(H).clone()
     for attempt in range(MAX_DAMP_RETRIES + 1):
         # at most three n x n matrices alive at once (7B down_proj: 3 x 485 MB): each is freed when used
-        Hd = H.clone()
-        Hd.diagonal().add_(damp * mean_diag)
+        Hd = H if overwrite and H.dtype == torch.float32 else H.clone()
+        Hd.diagonal().copy_(diag).add_(damp * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
         del Hd
         if info.item() == 0:
@@ -61,4 +63,4 @@ def prepare(W: torch.Tensor, H: torch.Tensor, damp_percent: float = 0.01, with_i
     dead = dead_columns(H)
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    return W, H, (inverse_cholesky(H, damp_percent) if with_inverse else None)
+    return W, H, (inverse_cholesky(H.clone(), damp_percent, overwrite=True) if with_inverse else None)
