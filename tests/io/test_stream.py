@@ -345,3 +345,29 @@ def test_not_enough_disk_is_refused_before_any_work(model_dir, corpus, tmp_path,
         quantize_to_folder(str(model_dir), QuantConfig(method="gptq", **CFG), tmp_path / "o", calib_data=str(corpus),
                            nsamples=4, seqlen=64, device="cpu")
     assert not (tmp_path / "o").exists()
+
+
+def test_weight_only_run_resumes_without_activations(model_dir, corpus, tmp_path, monkeypatch):
+    """RTN runs no calibration forward, so it saves no activations: a resume still starts after the
+    last finished block."""
+    from lopro.io import stream
+
+    cfg = QuantConfig(method="rtn", bits=4, group_size=32)
+    quantize_to_folder(str(model_dir), cfg, tmp_path / "ref", calib_data=str(corpus), device="cpu")
+    real, calls = stream.write_tensors, {"n": 0}
+
+    def failing(tensors, path):
+        if any(".layers." in k for k in tensors):
+            calls["n"] += 1
+            if calls["n"] > 2:
+                raise OSError(28, "No space left on device")
+        real(tensors, path)
+
+    monkeypatch.setattr(stream, "write_tensors", failing)
+    with pytest.raises(OSError, match="--resume"):
+        quantize_to_folder(str(model_dir), cfg, tmp_path / "out", calib_data=str(corpus), device="cpu")
+    monkeypatch.setattr(stream, "write_tensors", real)
+    summary = quantize_to_folder(str(model_dir), cfg, tmp_path / "out", calib_data=str(corpus), device="cpu",
+                                 resume=True)
+    assert summary["resumed_from_block"] == 2
+    assert hashes(tmp_path / "out") == hashes(tmp_path / "ref")

@@ -259,7 +259,8 @@ class StreamedRun(BlockIO):
         if m["kwargs"] and self._verified(m["kwargs"]):
             kwargs = torch.load(self.work / m["kwargs"]["file"], weights_only=False)
         start, inputs = done, None
-        while start > 0 or (start == 0 and kwargs is not None):
+        needs_inputs = self.fingerprint.get("calibration_sha256") is not None  # weight-only methods need none
+        while needs_inputs and (start > 0 or kwargs is not None):
             files = m["inputs"].get(str(start))
             if kwargs is not None and files is not None:
                 try:
@@ -270,7 +271,7 @@ class StreamedRun(BlockIO):
             if start == 0:
                 break
             start -= 1
-        if inputs is None:
+        if inputs is None and needs_inputs:
             start = 0
         if len(self._outside_verified()) != len(self.outside):
             self._outside(assign=False)
