@@ -189,9 +189,6 @@ class LazyModel:
                         and only in (None, k):
                     mod._buffers[k] = torch.empty_like(b, device="meta")
 
-    def stored_bytes(self) -> int:
-        return sum(torch.Size(i["shape"]).numel() * i["dtype"].itemsize for i in self.found.values())
-
 
 def _assign(model: nn.Module, name: str, t: torch.Tensor) -> None:
     owner, _, leaf = name.rpartition(".")

@@ -103,7 +103,7 @@ def choose_offload(offload: str, nsamples: int, seqlen: int, hidden: int) -> boo
     free = available_memory()
     need = 3 * estimate_bytes(nsamples, seqlen, hidden)
     if free is not None and need > free // 2:
-        log.warning("calibration activations (%.1f GiB a copy) go to disk: %.1f GiB of memory is free",
+        log.warning("activations (%.1f GiB a copy) go to disk: %.1f GiB of memory is free",
                     need / 3 / 2**30, free / 2**30)
         return True
     return False

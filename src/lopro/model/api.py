@@ -123,10 +123,9 @@ def evaluate_ppl(model_or_name, data="wiki", *, seqlen=512, windows=None, bos=Fa
 
 def _streamed_ppl(lazy, windows, batch_size, device) -> dict:
     from ..eval.perplexity import perplexity_streamed
-    from .activations import available_memory, estimate_bytes
+    from ..io.stream import choose_offload
 
-    free = available_memory()
-    offload = free is not None and 3 * estimate_bytes(*windows.shape, lazy.model.config.hidden_size) > free // 2
+    offload = choose_offload("auto", *windows.shape, lazy.model.config.hidden_size)
     dev = torch.device(device) if device else default_device()
     with tempfile.TemporaryDirectory(prefix="lopro-eval-") as tmp:
         return perplexity_streamed(lazy, windows, batch_size, dev, offload=offload, folder=tmp)
