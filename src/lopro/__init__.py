@@ -6,8 +6,12 @@ from .config import QuantConfig  # noqa: E402
 from .methods import available_methods  # noqa: E402
 from .model.pipeline import QuantReport, quantize  # noqa: E402
 from .model.checkpoint import load, save  # noqa: E402
+from .model.loading import load_model, load_tokenizer  # noqa: E402
+from .data.windows import calibration  # noqa: E402
+from .model.api import evaluate_ppl, quantize_to_folder  # noqa: E402
 from .model.hf_quantizer import register_lazily as _register_hf_quantizer  # noqa: E402
 
 _register_hf_quantizer()  # transformers' AutoModelForCausalLM.from_pretrained reads lopro checkpoints
 
-__all__ = ["QuantConfig", "QuantReport", "quantize", "load", "save", "available_methods", "__version__"]
+__all__ = ["QuantConfig", "QuantReport", "quantize", "quantize_to_folder", "evaluate_ppl", "load", "save",
+           "load_model", "load_tokenizer", "calibration", "available_methods", "__version__"]

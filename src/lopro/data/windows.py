@@ -49,3 +49,9 @@ def eval_windows(tokens: torch.Tensor, seqlen: int, windows: int | None = None,
 def fingerprint(windows: torch.Tensor) -> str:
     """SHA-256 of the calibration tokens, recorded with every quantized model."""
     return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def calibration(tokenizer, data: str = "wiki", nsamples: int = 128, seqlen: int = 512, seed: int = 0) -> torch.Tensor:
+    """[nsamples, seqlen] token ids drawn with `seed` from the calibration part of a built-in corpus
+    (`wiki`, `news`) or a local .txt/.jsonl file: what `lopro.quantize` takes."""
+    return calibration_windows(tokenize_split(tokenizer, data, "calib"), nsamples, seqlen, seed)

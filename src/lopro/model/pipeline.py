@@ -100,12 +100,14 @@ def capture_activations(model, first_block, batches) -> Activations:
 
 def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, batch_size: int = 8,
              device=None, on_layer=None, stats_cache: str | Path | None = None,
-             progress: bool = True, io: BlockIO | None = None) -> tuple[torch.nn.Module, QuantReport]:
+             progress: bool = True, io: BlockIO | None = None, pack: bool = False
+             ) -> tuple[torch.nn.Module, QuantReport]:
     """Quantize `model` in place with `config.method`; returns (model, report).
 
     calibration: [nsamples, seqlen] token ids (may be None only for methods without a Hessian).
     on_layer(block_index, name, module, result): what to do with each result; default replaces the
-    weight by the dequantized one (fake quantization).
+    weight by the dequantized one (fake quantization); `pack=True` instead replaces each layer by its
+    packed QuantLinear (what `lopro.save` writes).
     stats_cache: with propagate="fp", a folder where the fp model's statistics are reused across runs.
     io: where blocks are read from and written to (default: all in memory, see BlockIO).
     """
@@ -119,6 +121,12 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
     device = torch.device(device) if device is not None else model_device
     weighted = bool(config.options.get("moe_weighted_hessian", False))
     with PeakMemory(device) as mem:
+        if pack and on_layer is not None:
+            raise ValueError("pass either pack=True or on_layer, not both")
+        if pack:
+            from .qlinear import packer
+
+            on_layer = packer(model)
         on_layer = on_layer or _replace_weight
         _, blocks = find_blocks(model)
         report = QuantReport(config.to_dict())
