@@ -26,8 +26,8 @@ def main() -> None:
     import lopro
     from lopro.data.windows import eval_windows, tokenize_split
     from lopro.eval.perplexity import perplexity
-    from lopro.model.checkpoint import is_lopro_checkpoint
-    from lopro.model.loading import load_model, load_tokenizer, resolve_model_path
+    from lopro.io.checkpoint import is_lopro_checkpoint
+    from lopro.io.loading import load_model, load_tokenizer, resolve_model_path
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("folders", nargs="+")

@@ -28,7 +28,7 @@ from torch import nn
 
 from lopro import QuantConfig, quantize
 from lopro.data.windows import calibration_windows, fingerprint, tokenize_split
-from lopro.model.loading import load_model
+from lopro.io.loading import load_model
 
 
 def cut(model, blocks: int):
@@ -100,7 +100,7 @@ def main(argv=None):
         sys.stdout.write(table(json.loads(Path(a.out).read_text())))
         return
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("lopro.model.pipeline").setLevel(logging.WARNING)
+    logging.getLogger("lopro.pipeline.run").setLevel(logging.WARNING)
     if a.threads:
         torch.set_num_threads(a.threads)
     res = run(a)

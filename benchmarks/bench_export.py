@@ -2,7 +2,7 @@
 
 For each configuration: quantize with `lopro quantize` (small calibration), export with
 `lopro.export.export`, reload the export with an outside reader, and compare perplexity on the same
-windows (`lopro.model.api.evaluate_ppl`):
+windows (`lopro.jobs.evaluate_ppl`):
 
 - GGUF through transformers' own GGUF loader (`from_pretrained(dir, gguf_file=...)`, which
   dequantizes into an fp32 model);
@@ -32,7 +32,7 @@ import torch
 import lopro
 from lopro.data.windows import eval_windows, tokenize_split
 from lopro.export import export, load_exact
-from lopro.model.api import evaluate_ppl
+from lopro.jobs import evaluate_ppl
 
 DEFAULT_CONFIGS = "gptq:4:64,rtn:3:64,lqer:3:64"
 RESULTS = Path(__file__).parent / "results" / "export"

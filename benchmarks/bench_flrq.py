@@ -45,8 +45,8 @@ from lopro.data.windows import calibration_windows, eval_windows, fingerprint, t
 from lopro.eval.perplexity import perplexity
 from lopro.linalg.flr import factor_bits
 from lopro.methods.flrq import default_base_bits
-from lopro.model.loading import default_device, load_model
-from lopro.model.pipeline import quantize
+from lopro.io.loading import default_device, load_model
+from lopro.pipeline.run import quantize
 from lopro.quant.bits import lowrank_bits
 
 log = logging.getLogger("bench_flrq")

@@ -1,4 +1,4 @@
-"""Generation speed of packed models with the kernel backends (lopro.model.backends), on CPU or CUDA.
+"""Generation speed of packed models with the kernel backends (lopro.nn.backends), on CPU or CUDA.
 
 Two parts, side by side in one run, every variant timed round-robin (one call each per round, so that
 load changes hit all alike), medians of the repeats:
@@ -39,8 +39,8 @@ from torch import nn
 
 from lopro.linalg import BlockRotation, LowRank
 from lopro.methods.base import LayerResult
-from lopro.model import backends as bk
-from lopro.model.qlinear import QuantLinear
+from lopro.nn import backends as bk
+from lopro.nn.qlinear import QuantLinear
 from lopro.quant.rtn import ScalarQuant
 
 LAYER = (4096, 4096)
@@ -179,8 +179,8 @@ def fp_model(dtype: torch.dtype, device: str):
 
 def build_synthetic_checkpoint(name: str, folder: Path) -> Path:
     """SmolLM2 with every block linear replaced by a synthetic packed layer, saved to folder/name."""
-    from lopro.model import checkpoint as ck
-    from lopro.model.qlinear import get_submodule_parent
+    from lopro.io import checkpoint as ck
+    from lopro.nn.qlinear import get_submodule_parent
 
     out = folder / name
     if (out / "config.json").exists():

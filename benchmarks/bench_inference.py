@@ -36,7 +36,7 @@ from torch import nn
 
 from lopro.linalg import BlockRotation, LowRank
 from lopro.methods.base import LayerResult
-from lopro.model.qlinear import QuantLinear
+from lopro.nn.qlinear import QuantLinear
 from lopro.quant.rtn import ScalarQuant
 
 SHAPES = ((576, 576), (1536, 576), (576, 1536), (4096, 4096))

@@ -32,7 +32,7 @@ from lopro import QuantConfig, quantize
 from lopro.cli import parse_options
 from lopro.data.windows import calibration_windows, eval_windows, tokenize_split
 from lopro.eval.perplexity import perplexity
-from lopro.model.loading import load_model
+from lopro.io.loading import load_model
 from lopro.model.moe import expert_index, upcycle_smollm2
 
 

@@ -70,7 +70,7 @@ def merged_results(grid: Grid, root: Path, propagate: str) -> list[dict]:
     """The suite's entries, found in any results folder under `root` (same keys as run_grid)."""
     from lopro.compare import entry_key
     from lopro.data.windows import calibration_windows, fingerprint, tokenize_split
-    from lopro.model.loading import load_tokenizer
+    from lopro.io.loading import load_tokenizer
 
     tok, _ = load_tokenizer(grid.model)
     sha = fingerprint(calibration_windows(tokenize_split(tok, grid.calib_data, "calib"), grid.nsamples,

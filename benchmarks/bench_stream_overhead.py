@@ -32,8 +32,8 @@ def digest(folder: Path) -> dict[str, str]:
 def in_memory(model_name, cfg, out, a) -> dict:
     from lopro import quantize, save
     from lopro.data.windows import calibration_windows, tokenize_split
-    from lopro.model.loading import load_model
-    from lopro.model.qlinear import packer
+    from lopro.io.loading import load_model
+    from lopro.nn.qlinear import packer
 
     t0 = time.perf_counter()
     model, tok, _ = load_model(model_name, device="cpu")
@@ -46,7 +46,7 @@ def in_memory(model_name, cfg, out, a) -> dict:
 
 
 def streamed(model_name, cfg, out, a) -> dict:
-    from lopro.model.api import quantize_to_folder
+    from lopro.jobs import quantize_to_folder
 
     t0 = time.perf_counter()
     s = quantize_to_folder(model_name, cfg, out, calib_data=a.calib_data, nsamples=a.nsamples, seqlen=a.seqlen,

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lopro.eval.zeroshot import load_examples, loglikelihoods, score_examples, write_lm_eval_tasks
-from lopro.model.loading import load_model
+from lopro.io.loading import load_model
 
 
 def lopro_scores(model, tok, task: str, limit: int, batch_size: int) -> dict:

@@ -27,7 +27,7 @@ from torch import nn
 from lopro import QuantConfig, quantize
 from lopro.data.windows import calibration_windows, eval_windows, tokenize_split
 from lopro.eval.perplexity import perplexity
-from lopro.model.loading import load_model
+from lopro.io.loading import load_model
 from lopro.model.moe import upcycle_smollm2
 
 

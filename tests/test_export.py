@@ -10,7 +10,7 @@ import lopro
 from conftest import tiny_llama
 from lopro import QuantConfig, quantize
 from lopro.export import ExportError, export, load_exact
-from lopro.model.qlinear import QuantLinear, packer
+from lopro.nn.qlinear import QuantLinear, packer
 
 IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(5))
 

@@ -29,7 +29,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
-    from .config import QuantConfig
+    from lopro.config import QuantConfig
 
     d = QuantConfig()
     p.add_argument("--method", default=d.method)
@@ -75,8 +75,8 @@ def _rank_arg(v: str):
 
 
 def config_from_args(a):
-    from .config import QuantConfig
-    from .methods.flrq import DEFAULT_RANK_DTYPE
+    from lopro.config import QuantConfig
+    from lopro.methods.flrq import DEFAULT_RANK_DTYPE
 
     options = parse_options(a.option)
     if a.rank == "auto":
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_quantize(a) -> dict:
-    from .model.api import quantize_to_folder
+    from lopro.jobs import quantize_to_folder
 
     cfg = config_from_args(a)
     summary = quantize_to_folder(a.model, cfg, a.out, calib_data=a.calib_data, nsamples=a.nsamples,
@@ -193,7 +193,7 @@ def cmd_quantize(a) -> dict:
 
 
 def _add_backend_arg(p: argparse.ArgumentParser) -> None:
-    from .model.backends import BACKENDS
+    from lopro.nn.backends import BACKENDS
 
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="kernels of a packed checkpoint's layers (auto: int4 kernel for decode, bf16 GEMM for "
@@ -202,8 +202,8 @@ def _add_backend_arg(p: argparse.ArgumentParser) -> None:
 
 def _load_for_inference(name: str, device, backend: str):
     """(model, tokenizer): a packed checkpoint loads with `backend`, any other model as load_model does."""
-    from .model.checkpoint import is_lopro_checkpoint, load
-    from .model.loading import default_device, load_model, load_tokenizer
+    from lopro.io.checkpoint import is_lopro_checkpoint, load
+    from lopro.io.loading import default_device, load_model, load_tokenizer
 
     tok, path = load_tokenizer(name)
     if is_lopro_checkpoint(path):
@@ -213,10 +213,10 @@ def _load_for_inference(name: str, device, backend: str):
 
 
 def cmd_eval(a) -> dict:
-    from .model.api import evaluate_ppl
+    from lopro.jobs import evaluate_ppl
 
-    from .model.checkpoint import is_lopro_checkpoint
-    from .model.loading import resolve_model_path
+    from lopro.io.checkpoint import is_lopro_checkpoint
+    from lopro.io.loading import resolve_model_path
 
     if is_lopro_checkpoint(resolve_model_path(a.model)):
         model, tok = _load_for_inference(a.model, a.device, a.backend)
@@ -247,11 +247,11 @@ def cmd_generate(a) -> dict:
 
 
 def cmd_info(a) -> dict:
-    from .model.checkpoint import checkpoint_info, verify_folder
+    from lopro.io.checkpoint import checkpoint_info, verify_folder
 
-    from .model.backends import plan_specs
-    from .model.checkpoint import read_quantization_config
-    from .model.loading import default_device
+    from lopro.nn.backends import plan_specs
+    from lopro.io.checkpoint import read_quantization_config
+    from lopro.io.loading import default_device
 
     info = checkpoint_info(a.folder)
     info["backend"] = plan_specs(read_quantization_config(a.folder)["modules"], a.backend,
@@ -285,9 +285,9 @@ def _print_info(info: dict) -> None:
 
 
 def _grid_from_args(a):
-    from .compare import FP, Grid
-    from .config import QuantConfig
-    from .methods.flrq import DEFAULT_RANK_DTYPE
+    from lopro.compare import FP, Grid
+    from lopro.config import QuantConfig
+    from lopro.methods.flrq import DEFAULT_RANK_DTYPE
 
     configs = []
     for method in a.methods.split(","):
@@ -307,7 +307,7 @@ def _grid_from_args(a):
 
 
 def cmd_compare(a) -> dict:
-    from .compare import markdown_table, run_grid
+    from lopro.compare import markdown_table, run_grid
 
     grid = _grid_from_args(a)
     results = run_grid(grid, a.out, propagate=a.propagate)
@@ -316,7 +316,7 @@ def cmd_compare(a) -> dict:
 
 
 def cmd_demo(_a) -> dict:
-    from .data.assets import cache_dir
+    from lopro.data.assets import cache_dir
 
     a = build_parser().parse_args(["compare", "--methods", "fp,gptq,lopro", "--bits", "2", "--nsamples", "32",
                                    "--windows", "16", "--tasks", "", "--out", str(cache_dir() / "demo")])
@@ -343,7 +343,7 @@ def _add_export_parser(sub) -> None:
 
 
 def cmd_export(a) -> dict:
-    from .export import export
+    from lopro.export import export
 
     rep = export(a.folder, a.format, a.out, overwrite=a.overwrite, lossy=a.lossy, base=a.base,
                  checkpoint_format=a.checkpoint_format, tokenizer=a.tokenizer, bit_exact=a.bit_exact)
@@ -359,7 +359,7 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     try:
         if args.command == "methods":
-            from .methods import available_methods
+            from lopro.methods import available_methods
 
             out = {"methods": available_methods()}
             sys.stdout.write("\n".join(out["methods"]) + "\n")

@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .config import QuantConfig
-from .data.assets import cache_dir
-from .data.windows import calibration_windows, eval_windows, fingerprint, tokenize_split
-from .methods import NEEDS_HESSIAN
-from .model.loading import load_model, load_tokenizer
-from .model.pipeline import quantize
+from lopro import __version__
+from lopro.config import QuantConfig
+from lopro.data.assets import cache_dir
+from lopro.data.windows import calibration_windows, eval_windows, fingerprint, tokenize_split
+from lopro.methods import NEEDS_HESSIAN
+from lopro.io.loading import load_model, load_tokenizer
+from lopro.pipeline.run import quantize
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def run_grid(grid: Grid, out_dir: str | Path, propagate: str = "fp", progress: b
 
 
 def _run_one(grid: Grid, d: dict, label: str, calib, evals, stats_dir, tok) -> dict:
-    from .eval.perplexity import perplexity
+    from lopro.eval.perplexity import perplexity
 
     device = torch.device(grid.device) if grid.device else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
@@ -179,7 +179,7 @@ def _run_one(grid: Grid, d: dict, label: str, calib, evals, stats_dir, tok) -> d
     entry["ppl"] = {name: perplexity(model, w, batch_size=grid.batch_size)["ppl"] for name, w in evals.items()}
     entry["eval"] = {"seqlen": grid.eval_seqlen, "windows": {n: w.shape[0] for n, w in evals.items()}}
     if grid.tasks:
-        from .eval.zeroshot import evaluate_tasks
+        from lopro.eval.zeroshot import evaluate_tasks
 
         zs = evaluate_tasks(model, tok, list(grid.tasks), limit=grid.task_limit, seed=grid.seed,
                             batch_size=grid.batch_size)

@@ -56,7 +56,7 @@ class QuantConfig:
             raise ValueError(f"propagate must be one of {PROPAGATE}, got {self.propagate!r}")
         if self.block_identity < 0 or self.block_hadamard < 1:
             raise ValueError("block_identity must be >= 0 and block_hadamard >= 1")
-        from .methods import get_method  # late import: methods import this module
+        from lopro.methods import get_method  # late import: methods import this module
 
         get_method(self.method)
 

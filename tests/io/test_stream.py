@@ -21,9 +21,9 @@ from conftest import tiny_llama
 from lopro import QuantConfig, quantize, save
 from lopro.cli import main
 from lopro.io.stream import ResumeError, work_folder
-from lopro.model.api import evaluate_ppl, quantize_to_folder
-from lopro.model.checkpoint import CheckpointError
-from lopro.model.qlinear import packer
+from lopro.jobs import evaluate_ppl, quantize_to_folder
+from lopro.io.checkpoint import CheckpointError
+from lopro.nn.qlinear import packer
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 49152
@@ -91,7 +91,7 @@ def test_streamed_equals_in_memory_byte_for_byte(model_dir, corpus, tmp_path, me
 
 
 def test_large_output_stays_sharded_with_index(model_dir, corpus, tmp_path):
-    from lopro.model.checkpoint import load
+    from lopro.io.checkpoint import load
 
     cfg = QuantConfig(method="rtn", bits=4, group_size=32)
     # a 1-byte shard limit: the output counts as large, so the per-block files stay, with their index
@@ -257,7 +257,7 @@ def test_half_precision_checkpoints_stream(tmp_path, smollm2_path, corpus, dtype
 
 
 def test_streamed_fp_eval_equals_in_memory(model_dir, corpus):
-    from lopro.model.loading import load_model
+    from lopro.io.loading import load_model
 
     streamed = evaluate_ppl(str(model_dir), str(corpus), seqlen=64, windows=5, batch_size=2, device="cpu")
     model, tok, _ = load_model(str(model_dir), device="cpu")
@@ -266,7 +266,7 @@ def test_streamed_fp_eval_equals_in_memory(model_dir, corpus):
 
 
 def _peak_rss(folder: Path, corpus: Path) -> int:
-    code = ("import json,sys; from lopro import QuantConfig; from lopro.model.api import quantize_to_folder; "
+    code = ("import json,sys; from lopro import QuantConfig; from lopro.jobs import quantize_to_folder; "
             "s = quantize_to_folder(sys.argv[1], QuantConfig(method='gptq', bits=4, group_size=64), sys.argv[2], "
             "calib_data=sys.argv[3], nsamples=2, seqlen=32, device='cpu', offload='ram'); "
             "print(json.dumps(s['peak_memory_bytes']))")
@@ -317,7 +317,7 @@ def test_fused_moe_experts_stream_from_per_expert_checkpoint(tmp_path, smollm2_p
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_streamed_run_on_cuda_keeps_one_block_on_the_gpu(model_dir, corpus, tmp_path):
-    from lopro.model.checkpoint import load
+    from lopro.io.checkpoint import load
 
     cfg = QuantConfig(method="gptq", **CFG)
     s = quantize_to_folder(str(model_dir), cfg, tmp_path / "gpu", calib_data=str(corpus), nsamples=4, seqlen=64,

@@ -9,7 +9,7 @@ from lopro.linalg.flr import flexible_rank, precision_gain, size_growth
 from lopro.methods import get_method
 from lopro.methods.base import LayerStats
 from lopro.methods.flrq import allocate_ranks, quantize_clipped, rank_cap
-from lopro.model.pipeline import proxy_loss
+from lopro.pipeline.run import proxy_loss
 
 
 def _gen(seed=0):

@@ -8,8 +8,8 @@ import torch
 from conftest import tiny_llama
 from lopro import QuantConfig, quantize
 from lopro.methods import available_methods
-from lopro.model import checkpoint as ck
-from lopro.model.qlinear import packer
+from lopro.io import checkpoint as ck
+from lopro.nn.qlinear import packer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -71,8 +71,8 @@ def test_cuda_backends_match_the_reference_path(bits, gs, method):
     from conftest import random_hessian
     from lopro.methods import get_method
     from lopro.methods.base import LayerStats
-    from lopro.model import backends as bk
-    from lopro.model.qlinear import QuantLinear
+    from lopro.nn import backends as bk
+    from lopro.nn.qlinear import QuantLinear
 
     m, n = 128, 512
     W = torch.randn(m, n, generator=torch.Generator().manual_seed(bits))
@@ -93,7 +93,7 @@ def test_cuda_backends_match_the_reference_path(bits, gs, method):
 
 
 def test_cuda_load_defaults_to_bf16_kernels(tmp_path):
-    from lopro.model import backends as bk
+    from lopro.nn import backends as bk
 
     model = tiny_llama().cuda()
     model, report = quantize(model, cfg("gptq"), CALIB.cuda(), on_layer=packer(model), progress=False)

@@ -7,7 +7,7 @@ from torch import nn
 
 from lopro import QuantConfig, available_methods, quantize
 from lopro.methods import get_method
-from lopro.model.calibrate import StatsCollector
+from lopro.pipeline.calibrate import StatsCollector
 from lopro.model.moe import (STARVED_EXPERT_HESSIANS, UnfusedExperts, expert_stages, find_fused_experts,
                              refuse_experts, starved_experts, unfuse_experts, upcycle_smollm2, weight_only_stats)
 from lopro.model.walk import capture_block_inputs, find_blocks, find_linears
@@ -274,7 +274,7 @@ def test_starved_expert_falls_back_with_a_warning(caplog, true_sequential):
     fp = {k: v.clone() for k, v in model.state_dict().items()}
     hooks = starve(model, 3)
     cfg = QuantConfig(method="gptq", bits=3, group_size=16, true_sequential=true_sequential)
-    with caplog.at_level(logging.WARNING, logger="lopro.model.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="lopro.pipeline.run"):
         model, report = quantize(model, cfg, calib(), progress=False)
     for h in hooks:
         h.remove()
@@ -358,7 +358,7 @@ def test_quantize_end_to_end_and_save(tmp_path):
 
 
 def test_packed_experts_stay_unfused():
-    from lopro.model.qlinear import QuantLinear, packer
+    from lopro.nn.qlinear import QuantLinear, packer
 
     model = tiny_mixtral()
     kept = {}
@@ -415,7 +415,7 @@ def test_linear_experts_are_walked_generically(caplog, true_sequential):
         layer.mlp = LinearExpertsMoE(starved=2)
     fp = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = QuantConfig(method="gptq", bits=3, group_size=16, true_sequential=true_sequential)
-    with caplog.at_level(logging.WARNING, logger="lopro.model.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="lopro.pipeline.run"):
         model, report = quantize(model, cfg, calib(), progress=False)
     sd = model.state_dict()
     assert all(torch.equal(sd[k], fp[k]) for k in fp if "mlp.gate" in k or "norm" in k or "embed" in k)
@@ -430,8 +430,8 @@ def test_linear_experts_are_walked_generically(caplog, true_sequential):
 
 def test_packed_moe_checkpoint_round_trip(tmp_path):
     import lopro
-    from lopro.model.checkpoint import save_quantized
-    from lopro.model.qlinear import packer
+    from lopro.io.checkpoint import save_quantized
+    from lopro.nn.qlinear import packer
 
     cfg = QuantConfig(method="gptq", bits=4, group_size=16)
     model = tiny_mixtral()

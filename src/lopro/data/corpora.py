@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .assets import AssetError, cache_dir, package_dir
+from lopro.data.assets import AssetError, cache_dir, package_dir
 
 log = logging.getLogger(__name__)
 

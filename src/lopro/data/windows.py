@@ -5,7 +5,7 @@ import hashlib
 
 import torch
 
-from .corpora import load_corpus
+from lopro.data.corpora import load_corpus
 
 
 class CorpusTooShortError(ValueError):

@@ -44,8 +44,8 @@ def perplexity_streamed(lazy, windows: torch.Tensor, batch_size: int = 4, device
     """`perplexity` of a model too large for memory (a lopro.io.lazy.LazyModel): every window's hidden
     states go through one block at a time (read from disk, then freed); the model's own head then runs
     on them (the blocks replaced by a replay), so the result equals the in-memory one."""
-    from ..model.pipeline import capture_activations
-    from ..model.walk import block_output, to_device
+    from lopro.pipeline.run import capture_activations
+    from lopro.model.walk import block_output, to_device
 
     device = torch.device(device or "cpu")
     model, blocks = lazy.model, lazy.blocks

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from ..model.api import check_out_folder, write_folder_atomically
-from ..model.checkpoint import TOKENIZER_FILES, read_quantization_config
-from . import gguf_file, gptq_format
-from .layers import ExportError, ScalarLayer, lowrank_factors, quant_layers, scalar_layer
+from lopro.jobs import check_out_folder, write_folder_atomically
+from lopro.io.checkpoint import TOKENIZER_FILES, read_quantization_config
+from lopro.export import gguf_file, gptq_format
+from lopro.export.layers import ExportError, ScalarLayer, lowrank_factors, quant_layers, scalar_layer
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def load_exact(folder) -> torch.nn.Module:
     loader has kernel backends (those cast the unquantized tensors to their compute dtype)."""
     import inspect
 
-    from ..model.checkpoint import load
+    from lopro.io.checkpoint import load
 
     kw = {"backend": "reference"} if "backend" in inspect.signature(load).parameters else {}
     return load(folder, device="cpu", **kw)

@@ -18,8 +18,8 @@ import sys
 
 import torch
 
-from ..quant.packing import pack
-from .layers import ExportError, ScalarLayer
+from lopro.quant.packing import pack
+from lopro.export.layers import ExportError, ScalarLayer
 
 CHECKPOINT_FORMATS = ("auto", "gptq", "gptq_v2")
 GPTQ_BITS = (2, 3, 4, 8)

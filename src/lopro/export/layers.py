@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.qlinear import QuantLinear
-from ..quant.packing import unpack
+from lopro.nn.qlinear import QuantLinear
+from lopro.quant.packing import unpack
 
 
 class ExportError(ValueError):
@@ -70,7 +70,7 @@ def has_rotation(mod: QuantLinear) -> bool:
 
 def lossy_hint(mod: QuantLinear, fmt: str) -> str:
     """The nearest lossy option for a layer and its error measured on it (relative Frobenius)."""
-    from .gguf_file import requantize_error
+    from lopro.export.gguf_file import requantize_error
 
     if fmt == "gguf":
         err = requantize_error(mod.dense_weight(), "q8_0")

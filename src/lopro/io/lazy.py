@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..model.checkpoint import CheckpointError, params_on_meta, read_quantization_config, scan_checkpoint
-from ..model.walk import UnsupportedModelError, check_finite, find_blocks
+from lopro.io.checkpoint import CheckpointError, params_on_meta, read_quantization_config, scan_checkpoint
+from lopro.model.walk import UnsupportedModelError, check_finite, find_blocks
 
 log = logging.getLogger(__name__)
 

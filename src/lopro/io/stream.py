@@ -32,13 +32,13 @@ from pathlib import Path
 
 import torch
 
-from ..model.activations import Activations, available_memory, estimate_bytes
-from ..model.checkpoint import (DEFAULT_SHARD_BYTES, WEIGHTS_NAME, build_quantization_config, fp_storage,
+from lopro.pipeline.activations import Activations, available_memory, estimate_bytes
+from lopro.io.checkpoint import (DEFAULT_SHARD_BYTES, WEIGHTS_NAME, build_quantization_config, fp_storage,
                                 tensors_to_save, write_index, write_metadata, write_tensors)
-from ..model.pipeline import BlockIO, capture_activations
-from ..model.qlinear import quant_linear_specs
-from .atomic import atomic_write, publish, sha256_file
-from .lazy import LazyModel
+from lopro.pipeline.run import BlockIO, capture_activations
+from lopro.nn.qlinear import quant_linear_specs
+from lopro.io.atomic import atomic_write, publish, sha256_file
+from lopro.io.lazy import LazyModel
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from .r1svd import _VECTOR_DTYPE, STORAGE_FORMATS, LowRank, _empty, _round_terms
+from lopro.linalg.r1svd import _VECTOR_DTYPE, STORAGE_FORMATS, LowRank, _empty, _round_terms
 
 RULES = ("precision", "budget", "flat")
 

@@ -4,7 +4,7 @@ Adding a method is one module with a `@register("name")` function, imported at t
 """
 from __future__ import annotations
 
-from .base import LayerResult, LayerStats, MethodFn
+from lopro.methods.base import LayerResult, LayerStats, MethodFn
 
 METHODS: dict[str, MethodFn] = {}
 NEEDS_HESSIAN: dict[str, bool] = {}
@@ -31,6 +31,6 @@ def available_methods() -> list[str]:
     return sorted(METHODS)
 
 
-from . import flrq, lowrank, scalar  # noqa: E402,F401  (registration)
+from lopro.methods import flrq, lowrank, scalar  # noqa: E402,F401  (registration)
 
 __all__ = ["LayerResult", "LayerStats", "METHODS", "register", "get_method", "available_methods"]

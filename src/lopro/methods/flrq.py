@@ -37,15 +37,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..linalg import LowRank, lowrank
-from ..linalg.flr import factor_bits, flexible_rank
-from ..quant.bits import SCALE_BITS, index_bits, lowrank_bits, num_groups, scalar_bits
-from ..quant.gptq import gptq_quantize
-from ..quant.grid import CLIP_GRID, Grid, group_bounds, params_from_range, to_storage
-from ..quant.rtn import ScalarQuant
-from . import register
-from .base import LayerResult
-from .lowrank import input_scaling
+from lopro.linalg import LowRank, lowrank
+from lopro.linalg.flr import factor_bits, flexible_rank
+from lopro.quant.bits import SCALE_BITS, index_bits, lowrank_bits, num_groups, scalar_bits
+from lopro.quant.gptq import gptq_quantize
+from lopro.quant.grid import CLIP_GRID, Grid, group_bounds, params_from_range, to_storage
+from lopro.quant.rtn import ScalarQuant
+from lopro.methods import register
+from lopro.methods.base import LayerResult
+from lopro.methods.lowrank import input_scaling
 
 log = logging.getLogger(__name__)
 

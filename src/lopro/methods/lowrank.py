@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from ..linalg import BlockRotation, lowrank
-from ..quant.bits import SCALE_BITS, index_bits, lowrank_bits
-from ..quant.gptq import gptq_quantize
-from ..quant.grid import to_storage
-from ..quant.rtn import rtn_quantize
-from . import register
-from .base import LayerResult
+from lopro.linalg import BlockRotation, lowrank
+from lopro.quant.bits import SCALE_BITS, index_bits, lowrank_bits
+from lopro.quant.gptq import gptq_quantize
+from lopro.quant.grid import to_storage
+from lopro.quant.rtn import rtn_quantize
+from lopro.methods import register
+from lopro.methods.base import LayerResult
 
 FACTOR_BITS = {"fp8": 8, "fp16": 16, "fp32": 32}
 ALPHA_FLOOR = 1e-4
@@ -31,7 +31,7 @@ def scaled_lowrank(W: torch.Tensor, alpha: torch.Tensor, cfg):
 
     options["rank_mode"]="auto" (R1-FLR) or options["bits_budget"]: the rank comes from flrq.select_lowrank."""
     if cfg.options.get("rank_mode") == "auto" or cfg.options.get("bits_budget") is not None:
-        from .flrq import select_lowrank  # late import: flrq imports this module
+        from lopro.methods.flrq import select_lowrank  # late import: flrq imports this module
         lr, _ = select_lowrank(W * alpha[None, :], cfg, rank_mode="fixed")
     else:
         lr = lowrank(W * alpha[None, :], cfg.rank, solver=cfg.lowrank_solver, iters=cfg.power_iters, seed=cfg.seed,
@@ -51,7 +51,7 @@ def rotate_hessian(H: torch.Tensor, rot: BlockRotation) -> torch.Tensor:
 
 
 def vq_config(cfg, width: int):
-    from ..quant.gptvq import VQConfig
+    from lopro.quant.gptvq import VQConfig
 
     overrides = {k[3:]: v for k, v in cfg.options.items() if k.startswith("vq_")}  # e.g. vq_kmeans_iters=10
     return VQConfig.for_bits(cfg.bits, width=width, seed=cfg.seed, damp_percent=cfg.damp_percent, **overrides)
@@ -62,7 +62,7 @@ def quantize_residual(R: torch.Tensor, H: torch.Tensor, cfg, solver: str):
     if solver == "rtn":
         return rtn_quantize(R, cfg.bits, cfg.group_size, cfg.sym, cfg.mse)
     if solver == "gptvq":
-        from ..quant.gptvq import gptvq_quantize
+        from lopro.quant.gptvq import gptvq_quantize
 
         return gptvq_quantize(R, H, vq_config(cfg, R.shape[1]))
     return gptq_quantize(R, H, cfg.bits, cfg.group_size, cfg.sym, cfg.mse, act_order=False,

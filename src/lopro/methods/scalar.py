@@ -1,10 +1,10 @@
 """Baselines without low rank: RTN and GPTQ."""
 from __future__ import annotations
 
-from ..quant.gptq import gptq_quantize
-from ..quant.rtn import rtn_quantize
-from . import register
-from .base import LayerResult
+from lopro.quant.gptq import gptq_quantize
+from lopro.quant.rtn import rtn_quantize
+from lopro.methods import register
+from lopro.methods.base import LayerResult
 
 
 def scalar_result(q) -> LayerResult:

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..methods.base import LayerStats
-from .walk import UnsupportedModelError
+from lopro.methods.base import LayerStats
+from lopro.model.walk import UnsupportedModelError
 
 # Fused expert tensors: (up tensor, down tensor, gated). "gate_up_proj" holds gate and up stacked on
 # the output dim (concatenated [gate; up], or interleaved when the module says is_concatenated=False).

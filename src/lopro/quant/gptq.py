@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from . import hessian
-from .grid import Grid, find_params, quantize
-from .rtn import ScalarQuant
+from lopro.quant import hessian
+from lopro.quant.grid import Grid, find_params, quantize
+from lopro.quant.rtn import ScalarQuant
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1, sym: bool = False,

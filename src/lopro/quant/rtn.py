@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .bits import scalar_bits
-from .grid import Grid, dequantize, find_params, group_bounds, quantize
+from lopro.quant.bits import scalar_bits
+from lopro.quant.grid import Grid, dequantize, find_params, group_bounds, quantize
 
 
 @dataclass

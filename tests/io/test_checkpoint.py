@@ -9,8 +9,8 @@ import torch
 
 from conftest import tiny_llama
 from lopro import QuantConfig, quantize
-from lopro.model import checkpoint as ck
-from lopro.model.qlinear import QuantLinear, packer
+from lopro.io import checkpoint as ck
+from lopro.nn.qlinear import QuantLinear, packer
 from lopro.model.walk import find_blocks
 
 
@@ -89,7 +89,7 @@ def test_transformers_from_pretrained_after_import_lopro(saved):
 
 
 def test_load_model_detects_packed_checkpoint(saved, monkeypatch):
-    from lopro.model import loading
+    from lopro.io import loading
 
     out, model, *_ = saved
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: None)

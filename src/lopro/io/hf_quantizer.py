@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from .checkpoint import QUANT_METHOD
+from lopro.io.checkpoint import QUANT_METHOD
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +53,13 @@ def _classes():
                                  "quantize a model with quant_method 'lopro' on the fly")
 
         def _process_model_before_weight_loading(self, model, **kwargs):
-            from .qlinear import install_quant_linears
+            from lopro.nn.qlinear import install_quant_linears
 
             install_quant_linears(model, self.quantization_config.modules, device="meta")
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            from .qlinear import QuantLinear, buffer_specs
+            from lopro.nn.qlinear import QuantLinear, buffer_specs
 
             for name, mod in model.named_modules():
                 if not isinstance(mod, QuantLinear):

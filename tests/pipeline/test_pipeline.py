@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_llama
 from lopro import QuantConfig, quantize
 from lopro.methods import get_method
-from lopro.model.calibrate import StatsCollector
+from lopro.pipeline.calibrate import StatsCollector
 from lopro.model.walk import capture_block_inputs, find_blocks, find_linears
 
 

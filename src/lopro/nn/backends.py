@@ -1,4 +1,4 @@
-"""Kernel backends for :class:`~lopro.model.qlinear.QuantLinear`: one switch, a small table, a fallback.
+"""Kernel backends for :class:`~lopro.nn.qlinear.QuantLinear`: one switch, a small table, a fallback.
 
 ``set_backend(model, backend)`` (called by ``lopro.load(DIR, backend=...)``) picks, for every packed
 layer, how its forward runs; the on-disk format is untouched (kernel layouts are built at load time,
@@ -145,7 +145,7 @@ def _int4_operands(mod) -> tuple[torch.Tensor, torch.Tensor]:
     The kernels compute ``(c' - 8) * s + zero``. At 2 and 3 bits ``c' = c - z + 8`` lies in [1, 15]
     and ``zero = 0``: exact up to the bf16 scale. At 4 bits ``c' = c`` and ``zero = (8 - z) * s``.
     """
-    from ..quant.packing import unpack
+    from lopro.quant.packing import unpack
 
     res = mod.spec["residual"]
     bits, G, gs = res["bits"], res["num_groups"], res["group_size"]
@@ -196,7 +196,7 @@ class VQTable:
     two int64 index tensors on every call)."""
 
     def __init__(self, mod, dtype: torch.dtype):
-        from .qlinear import _vq_layout
+        from lopro.nn.qlinear import _vq_layout
 
         res = mod.spec["residual"]
         lay = _vq_layout(res)
@@ -217,7 +217,7 @@ class VQTable:
 
     def decode(self, mod) -> torch.Tensor:
         """Ŵq [m, n] in the compute dtype."""
-        from ..quant.packing import unpack
+        from lopro.quant.packing import unpack
 
         idx = unpack(mod.vq_indices, self.ibits, self.nv) if self.ibits <= 8 else mod.vq_indices
         rows = idx.to(torch.int32).add_(self.row_offset).add_(self.col_offset)
@@ -260,8 +260,8 @@ class Kernel:
     # -------------------------------------------------------------- preparation
 
     def prepare(self, mod) -> None:
-        from ..linalg.hadamard import hadamard_matrix
-        from .qlinear import _widen
+        from lopro.linalg.hadamard import hadamard_matrix
+        from lopro.nn.qlinear import _widen
 
         self.reset()
         dtype, spec = self.dtype, mod.spec
@@ -345,7 +345,7 @@ class Kernel:
 
 def _cast_floats(model: nn.Module, dtype: torch.dtype) -> None:
     """Unquantized parameters (and QuantLinear biases) to `dtype`; other buffers (RoPE tables) stay."""
-    from .qlinear import QuantLinear
+    from lopro.nn.qlinear import QuantLinear
 
     for p in model.parameters():  # deduplicated: tied embeddings stay tied
         if p.is_floating_point() and p.dtype != dtype:
@@ -364,7 +364,7 @@ def set_backend(model: nn.Module, backend: str | None = "auto", dtype: torch.dty
     ``"reference"`` (or None) keeps the model as loaded unless `dtype` is given.
     `prepare`: build the kernel layouts now (default) rather than on each layer's first call.
     """
-    from .qlinear import QuantLinear, set_compute_dtype
+    from lopro.nn.qlinear import QuantLinear, set_compute_dtype
 
     backend = backend or "reference"
     if backend not in BACKENDS:
@@ -397,7 +397,7 @@ def set_backend(model: nn.Module, backend: str | None = "auto", dtype: torch.dty
 
 def backend_choices(model: nn.Module) -> dict[str, str]:
     """Module name -> the backend each QuantLinear runs ("reference" when none is set)."""
-    from .qlinear import QuantLinear
+    from lopro.nn.qlinear import QuantLinear
 
     return {name: (m.backend.choice if m.backend is not None else "reference")
             for name, m in model.named_modules() if isinstance(m, QuantLinear)}

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..methods.base import LayerStats
-from .walk import StopForward
+from lopro.methods.base import LayerStats
+from lopro.model.walk import StopForward
 
 
 class _Accumulator:

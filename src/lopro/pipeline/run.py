@@ -13,15 +13,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import QuantConfig
-from ..methods import NEEDS_HESSIAN, get_method
-from ..methods.base import LayerResult, LayerStats
-from .activations import Activations
-from .calibrate import StatsCollector
-from .memory import PeakMemory
-from .moe import (DEFAULT_MIN_EXPERT_SHARE, DEFAULT_MIN_TOKENS_PER_INPUT, STARVED_EXPERT_HESSIANS, expert_stages,
+from lopro.config import QuantConfig
+from lopro.methods import NEEDS_HESSIAN, get_method
+from lopro.methods.base import LayerResult, LayerStats
+from lopro.pipeline.activations import Activations
+from lopro.pipeline.calibrate import StatsCollector
+from lopro.pipeline.memory import PeakMemory
+from lopro.model.moe import (DEFAULT_MIN_EXPERT_SHARE, DEFAULT_MIN_TOKENS_PER_INPUT, STARVED_EXPERT_HESSIANS, expert_stages,
                   fallback_stats, find_fused_experts, refuse_experts, starved_experts, unfuse_experts)
-from .walk import StopForward, block_output, capture_block_inputs, check_finite, find_blocks, find_linears, to_device
+from lopro.model.walk import StopForward, block_output, capture_block_inputs, check_finite, find_blocks, find_linears, to_device
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
         if pack and on_layer is not None:
             raise ValueError("pass either pack=True or on_layer, not both")
         if pack:
-            from .qlinear import packer
+            from lopro.nn.qlinear import packer
 
             on_layer = packer(model)
         on_layer = on_layer or _replace_weight
@@ -271,7 +271,7 @@ def _mean_bits(report: QuantReport) -> float:
 
 
 def _summarise(report, seconds, device, calibration, mem: PeakMemory) -> dict:
-    from ..data.windows import fingerprint
+    from lopro.data.windows import fingerprint
 
     return {
         "method": report.config["method"], "bits": report.config["bits"],
@@ -293,7 +293,7 @@ class _StatsCache:
     """fp-model statistics per block on disk, reusable by every method on the same calibration."""
 
     def __init__(self, folder, calibration: torch.Tensor):
-        from ..data.windows import fingerprint
+        from lopro.data.windows import fingerprint
 
         self.folder = Path(folder)
         self.key = fingerprint(calibration)  # statistics of other calibration tokens are never reused

@@ -7,7 +7,7 @@ from lopro import QuantConfig
 from lopro.linalg import BlockRotation, LowRank
 from lopro.methods import get_method
 from lopro.methods.base import LayerResult, LayerStats
-from lopro.model.qlinear import QuantLinear, buffer_specs, effective_bits
+from lopro.nn.qlinear import QuantLinear, buffer_specs, effective_bits
 from lopro.quant.rtn import ScalarQuant, rtn_quantize
 
 M, N = 48, 192
@@ -164,7 +164,7 @@ def test_compute_dtypes_device_moves_and_cache():
 
 
 def test_fp8_table_widening_is_exact():
-    from lopro.model.qlinear import _widen
+    from lopro.nn.qlinear import _widen
 
     every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(16, 16)
     for dtype in (torch.float32, torch.bfloat16):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.assets import BUILTIN_MODELS, resolve_builtin_model
+from lopro.data.assets import BUILTIN_MODELS, resolve_builtin_model
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def load_model(name_or_dir: str, dtype: torch.dtype = torch.float32, device=None
     """(model, tokenizer, path). Quantized lopro checkpoints load through the same call."""
     from transformers import AutoModelForCausalLM
 
-    from .checkpoint import is_lopro_checkpoint, load
+    from lopro.io.checkpoint import is_lopro_checkpoint, load
 
     tokenizer, path = load_tokenizer(name_or_dir)
     if is_lopro_checkpoint(path):  # packed checkpoint: verified, loaded layer by layer

@@ -8,9 +8,9 @@ from lopro import QuantConfig, quantize
 from lopro.linalg import BlockRotation, LowRank
 from lopro.methods import get_method
 from lopro.methods.base import LayerResult, LayerStats
-from lopro.model import backends as bk
-from lopro.model import checkpoint as ck
-from lopro.model.qlinear import QuantLinear, packer
+from lopro.nn import backends as bk
+from lopro.io import checkpoint as ck
+from lopro.nn.qlinear import QuantLinear, packer
 from lopro.quant.rtn import ScalarQuant
 
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .qlinear import QuantLinear, buffer_specs, effective_bits, install_quant_linears, quant_linear_specs, \
+from lopro.nn.qlinear import QuantLinear, buffer_specs, effective_bits, install_quant_linears, quant_linear_specs, \
     set_compute_dtype
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,8 @@ class CheckpointError(ValueError):
 def build_quantization_config(model_or_specs: nn.Module | dict, config=None, summary: dict | None = None) -> dict:
     """The ``quantization_config`` of a packed model (or of the module specs of one written block by
     block): settings, provenance and per-module specs."""
-    from .._version import __version__
-    from ..linalg.hadamard import HADAMARD_CONVENTION
+    from lopro._version import __version__
+    from lopro.linalg.hadamard import HADAMARD_CONVENTION
 
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
     specs = quant_linear_specs(model_or_specs) if isinstance(model_or_specs, nn.Module) else dict(model_or_specs)
@@ -253,7 +253,7 @@ def _shareable(folder: Path) -> None:
 
 def save(model: nn.Module, out: str | Path, *, overwrite: bool = False, **kwargs) -> dict:
     """Atomically write a packed model to `out` (see :func:`save_quantized` for the options)."""
-    from .api import check_out_folder, write_folder_atomically
+    from lopro.jobs import check_out_folder, write_folder_atomically
 
     out = check_out_folder(out, overwrite)
     holder: dict = {}
@@ -439,13 +439,13 @@ def load(folder: str | Path, device: str | torch.device | None = None, dtype: to
     device: where the model goes (default: cuda if available, else cpu). dtype: the unquantized
     tensors' dtype (default fp32 on CPU, bf16 on CUDA). compute_dtype: the QuantLinear compute
     dtype (default: follow the activations). Tensors are checked before any is read and loaded one
-    at a time straight into place. backend: the packed layers' kernels (``lopro.model.backends``:
+    at a time straight into place. backend: the packed layers' kernels (``lopro.nn.backends``:
     auto, int4pack, dense, reference); all but ``reference`` compute in `compute_dtype` (default
     bf16) and cast the unquantized tensors to it.
     """
     from safetensors import safe_open
 
-    from .loading import default_device
+    from lopro.io.loading import default_device
 
     folder = Path(folder)
     device = torch.device(device) if device is not None else default_device()
@@ -472,7 +472,7 @@ def load(folder: str | Path, device: str | torch.device | None = None, dtype: to
     model.to(device)
     model.eval()
     model.config.quantization_config = read_quantization_config(folder)
-    from .backends import set_backend
+    from lopro.nn.backends import set_backend
 
     set_backend(model, backend, compute_dtype)
     return model

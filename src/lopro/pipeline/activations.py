@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from ..io.atomic import atomic_write, sha256_file
+from lopro.io.atomic import atomic_write, sha256_file
 
 
 def _batch_file(j: int) -> str:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import QuantConfig
-from ..data.corpora import load_corpus
-from ..io.atomic import publish
-from ..data.windows import calibration_windows, eval_windows, tokenize_split
-from .loading import default_device, load_model, load_tokenizer, resolve_model_path
-from .pipeline import quantize, validate
+from lopro.config import QuantConfig
+from lopro.data.corpora import load_corpus
+from lopro.io.atomic import publish
+from lopro.data.windows import calibration_windows, eval_windows, tokenize_split
+from lopro.io.loading import default_device, load_model, load_tokenizer, resolve_model_path
+from lopro.pipeline.run import quantize, validate
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,12 @@ def quantize_to_folder(model_name: str, cfg: QuantConfig, out, *, calib_data="wi
     see checkpoint.save_quantized), or with `packed=False` the fake-quantized fp model (dense
     dequantized weights, loadable by plain transformers). `resume` continues an interrupted run of the
     same command; `offload` ("auto", "ram", "disk") says where calibration activations live."""
-    from .._version import __version__
-    from ..data.windows import fingerprint
-    from ..io.lazy import LazyModel
-    from ..io.stream import StreamedRun, choose_offload, estimate_output_bytes, model_fingerprint
-    from ..methods import NEEDS_HESSIAN
-    from .activations import estimate_bytes
+    from lopro._version import __version__
+    from lopro.data.windows import fingerprint
+    from lopro.io.lazy import LazyModel
+    from lopro.io.stream import StreamedRun, choose_offload, estimate_output_bytes, model_fingerprint
+    from lopro.methods import NEEDS_HESSIAN
+    from lopro.pipeline.activations import estimate_bytes
 
     out = check_out_folder(out, overwrite)
     path = resolve_model_path(model_name)  # fail fast on a bad name or corpus before loading anything
@@ -75,7 +75,7 @@ def quantize_to_folder(model_name: str, cfg: QuantConfig, out, *, calib_data="wi
     try:
         on_layer = None
         if packed:
-            from .qlinear import packer
+            from lopro.nn.qlinear import packer
 
             on_layer = packer(lazy.model)
         _, report = quantize(lazy.model, cfg, calib, batch_size=batch_size, device=dev, stats_cache=stats_cache,
@@ -93,17 +93,17 @@ def evaluate_ppl(model_or_name, data="wiki", *, seqlen=512, windows=None, bos=Fa
                  tokenizer=None) -> dict:
     """Perplexity of a model object, a packed checkpoint, or an fp model folder; the last is streamed
     block by block from disk (eval.perplexity.perplexity_streamed), so a model of any size fits."""
-    from ..eval.perplexity import perplexity
+    from lopro.eval.perplexity import perplexity
 
     lazy = None
     if isinstance(model_or_name, (str, Path)):
-        from .checkpoint import is_lopro_checkpoint
+        from lopro.io.checkpoint import is_lopro_checkpoint
 
         path = resolve_model_path(str(model_or_name))
         if is_lopro_checkpoint(path):
             model, tokenizer, _ = load_model(str(model_or_name), device=device)
         else:
-            from ..io.lazy import LazyModel
+            from lopro.io.lazy import LazyModel
 
             lazy, (tokenizer, _) = LazyModel(path), load_tokenizer(str(path))
     else:
@@ -122,8 +122,8 @@ def evaluate_ppl(model_or_name, data="wiki", *, seqlen=512, windows=None, bos=Fa
 
 
 def _streamed_ppl(lazy, windows, batch_size, device) -> dict:
-    from ..eval.perplexity import perplexity_streamed
-    from ..io.stream import choose_offload
+    from lopro.eval.perplexity import perplexity_streamed
+    from lopro.io.stream import choose_offload
 
     offload = choose_offload("auto", *windows.shape, lazy.model.config.hidden_size)
     dev = torch.device(device) if device else default_device()

@@ -57,8 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..linalg.hadamard import BlockRotation, hadamard_matrix
-from ..quant.packing import pack, packed_length, unpack
+from lopro.linalg.hadamard import BlockRotation, hadamard_matrix
+from lopro.quant.packing import pack, packed_length, unpack
 
 SPEC_VERSION = 1
 ROTATION_IMPLS = ("matmul", "fwht")
@@ -140,7 +140,7 @@ def effective_bits(spec: dict) -> float:
 
 
 def _vq_layout(res: dict):
-    from ..quant.gptvq import VQLayout
+    from lopro.quant.gptvq import VQLayout
 
     lay = res["layout"]
     return VQLayout(tuple(lay["shape"]), lay["dim"], tuple(lay["col_bounds"]), tuple(lay["row_bounds"]))
@@ -153,7 +153,7 @@ class QuantLinear(nn.Module):
 
     cache_weight: bool = False
     rotation_impl: str = "matmul"  # "matmul": x_block @ H (one small matmul); "fwht": BlockRotation.apply
-    backend: Any = None  # a prepared kernel (lopro.model.backends.set_backend); None: the reference path below
+    backend: Any = None  # a prepared kernel (lopro.nn.backends.set_backend); None: the reference path below
 
     def __init__(self, spec: dict, device: torch.device | str | None = None,
                  compute_dtype: torch.dtype | None = None):
@@ -566,7 +566,7 @@ def _pack_vq(vq, m: int, n: int) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _dequant_vq(mod: QuantLinear, res: dict, dtype: torch.dtype) -> torch.Tensor:
-    from ..quant.gptvq import vq_decode
+    from lopro.quant.gptvq import vq_decode
 
     layout = _vq_layout(res)
     ibits = res["bits"] * layout.dim
@@ -591,7 +591,7 @@ def pack_layer(model: nn.Module, block_index: int, name: str, module: nn.Module,
     looks for nn.Linear layers, which packing removes.
     """
     if blocks is None:
-        from .walk import find_blocks
+        from lopro.model.walk import find_blocks
 
         _, blocks = find_blocks(model)
     parent, attr = get_submodule_parent(blocks[block_index], name)
@@ -608,7 +608,7 @@ def pack_layer(model: nn.Module, block_index: int, name: str, module: nn.Module,
 def packer(model: nn.Module, compute_dtype: torch.dtype | None = None, keep_weights: dict | None = None):
     """An `on_layer` callback packing every layer; with `keep_weights` (a dict) also records each
     result's dense weight under ``(block_index, name)`` (for comparisons with fake quantization)."""
-    from .walk import find_blocks
+    from lopro.model.walk import find_blocks
 
     _, blocks = find_blocks(model)
 
@@ -628,7 +628,7 @@ def quant_linear_specs(model: nn.Module) -> dict[str, dict]:
 def install_quant_linears(model: nn.Module, specs: dict[str, dict], device: torch.device | str = "meta",
                           compute_dtype: torch.dtype | None = None) -> None:
     """Swap the modules named in `specs` for empty QuantLinear skeletons (before loading tensors)."""
-    from .moe import unfuse_experts  # packed experts live as per-expert modules
+    from lopro.model.moe import unfuse_experts  # packed experts live as per-expert modules
 
     unfuse_experts(model)
     for full_name, spec in specs.items():
