@@ -20,12 +20,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     and the result is returned in the original column order with `g_idx` naming each column's group.
     """
     grid = Grid(bits, sym, mse)
-    W, H, _ = hessian.prepare(W, H, damp_percent, with_inverse=False)
+    W, H, dead, _ = hessian.prepare(W, H, damp_percent, with_inverse=False)
     m, n = W.shape
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=W.device)
+    perm = torch.arange(n, device=W.device)
     if act_order:  # (indexing with the identity would copy H twice for nothing)
-        W, H = W[:, perm], H[perm][:, perm]
-    Hinv = hessian.inverse_cholesky(H, damp_percent, overwrite=True)  # H (prepare's copy) is not needed after
+        perm = torch.argsort(torch.where(dead, 1.0, torch.diag(H)), descending=True)  # dead columns count as H_jj = 1
+        W, H, dead = W[:, perm], H[perm][:, perm], dead[perm]
+    Hinv = hessian.inverse_cholesky(H, damp_percent, dead)
     del H
     g = n if group_size == -1 else group_size
 
