@@ -23,7 +23,7 @@ from lopro.data.windows import calibration_windows, eval_windows, tokenize_split
 from lopro.eval.perplexity import perplexity
 from lopro.io import checkpoint as ck
 from lopro.io.loading import load_model
-from lopro.nn.qlinear import packer
+from lopro.model.surgery import packer
 from lopro.model.walk import find_blocks
 
 LOAD_PROBE = """

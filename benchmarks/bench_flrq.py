@@ -43,11 +43,11 @@ from lopro import QuantConfig
 from lopro.data.assets import cache_dir
 from lopro.data.windows import calibration_windows, eval_windows, fingerprint, tokenize_split
 from lopro.eval.perplexity import perplexity
-from lopro.linalg.flr import factor_bits
-from lopro.methods.flrq import default_base_bits
-from lopro.io.loading import default_device, load_model
+from lopro import formats
+from lopro.methods.rank import base_bits as default_base_bits
+from lopro.device import default_device
+from lopro.io.loading import load_model
 from lopro.pipeline.run import quantize
-from lopro.quant.bits import lowrank_bits
 
 log = logging.getLogger("bench_flrq")
 
@@ -124,10 +124,9 @@ def matched_rank(entry: dict, cfg: QuantConfig, target_bits: float, max_rank: in
     shapes = [tuple(r["shape"]) for r in entry["layers"]]
     base = [default_base_bits(m, n, cfg) for m, n in shapes]
     total = sum(m * n for m, n in shapes)
-    fb = factor_bits(cfg.rank_dtype)
 
     def bits(r):
-        return sum(b + lowrank_bits(m, n, min(r, m, n), fb) for b, (m, n) in zip(base, shapes)) / total
+        return sum(b + formats.lowrank_bits(m, n, min(r, m, n), cfg.rank_dtype) for b, (m, n) in zip(base, shapes)) / total
 
     best = min(range(max_rank + 1), key=lambda r: (abs(bits(r) - target_bits), r))
     return best, bits(best)

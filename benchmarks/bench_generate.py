@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lopro.linalg import BlockRotation, LowRank
@@ -60,7 +59,7 @@ def synthetic_result(m: int, n: int, bits: int, group: int | None, lopro: bool, 
     g = torch.Generator().manual_seed(seed)
     if kind == "scalar":
         G = -(-n // group)
-        parts: dict = {"quant": ScalarQuant(torch.randint(0, 2**bits, (m, n), dtype=torch.uint8, generator=g),
+        parts: dict = {"residual": ScalarQuant(torch.randint(0, 2**bits, (m, n), dtype=torch.uint8, generator=g),
                                             (torch.rand(m, G, generator=g) * 0.02 + 1e-3).half().float(),
                                             torch.randint(0, 2**bits, (m, G), generator=g).float(),
                                             torch.arange(n) // group, bits, False)}
@@ -70,7 +69,7 @@ def synthetic_result(m: int, n: int, bits: int, group: int | None, lopro: bool, 
         cfg = VQConfig.for_bits(bits, n)
         lay = VQLayout.make(m, n, cfg)
         k = 2 ** (bits * lay.dim)
-        parts = {"vq": VQResult(torch.zeros(m, n), torch.randint(0, k, (m, lay.n_pad // lay.dim), generator=g).to(
+        parts = {"residual": VQResult(torch.zeros(m, n), torch.randint(0, k, (m, lay.n_pad // lay.dim), generator=g).to(
             torch.uint8 if k <= 256 else torch.int16),
             torch.randint(-127, 128, (lay.num_codebooks, k, lay.dim), generator=g).to(torch.int8),
             (torch.rand(lay.num_codebooks, generator=g) * 1e-3 + 1e-4).half(), lay, bits)}
@@ -81,7 +80,7 @@ def synthetic_result(m: int, n: int, bits: int, group: int | None, lopro: bool, 
         parts["alpha"] = (torch.rand(n, generator=g) + 0.5).half().float()
         parts["perm"] = torch.randperm(n, generator=g)
         parts["rotation"] = BlockRotation(n, block, block)
-    return LayerResult(torch.zeros(m, n), 0.0, parts)
+    return LayerResult(torch.zeros(m, n), **parts)
 
 
 def packed_layer(m, n, bits, group, lopro, backend="auto", kind="scalar", device="cpu", seed=0) -> QuantLinear:
@@ -180,7 +179,7 @@ def fp_model(dtype: torch.dtype, device: str):
 def build_synthetic_checkpoint(name: str, folder: Path) -> Path:
     """SmolLM2 with every block linear replaced by a synthetic packed layer, saved to folder/name."""
     from lopro.io import checkpoint as ck
-    from lopro.nn.qlinear import get_submodule_parent
+    from lopro.model.surgery import get_submodule_parent
 
     out = folder / name
     if (out / "config.json").exists():

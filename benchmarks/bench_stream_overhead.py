@@ -33,7 +33,7 @@ def in_memory(model_name, cfg, out, a) -> dict:
     from lopro import quantize, save
     from lopro.data.windows import calibration_windows, tokenize_split
     from lopro.io.loading import load_model
-    from lopro.nn.qlinear import packer
+    from lopro.model.surgery import packer
 
     t0 = time.perf_counter()
     model, tok, _ = load_model(model_name, device="cpu")

@@ -3,7 +3,7 @@
 python benchmarks/diag_depth.py NSAMPLES BLOCKS METHOD:PROPAGATE:DAMP ...
 (e.g. 16 8 rtn:fp:0.01 gptq:fp:0.01 gptq:quantized:0.01)
 """
-import copy, sys, torch, time
+import copy, sys, torch
 torch.set_num_threads(1)
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer

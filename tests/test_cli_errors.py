@@ -1,5 +1,4 @@
 """Bad input stops with a clear error, before anything is written."""
-import json
 
 import pytest
 import torch

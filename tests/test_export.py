@@ -10,7 +10,8 @@ import lopro
 from conftest import tiny_llama
 from lopro import QuantConfig, quantize
 from lopro.export import ExportError, export, load_exact
-from lopro.nn.qlinear import QuantLinear, packer
+from lopro.nn.qlinear import QuantLinear
+from lopro.model.surgery import packer
 
 IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(5))
 

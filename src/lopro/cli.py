@@ -76,14 +76,15 @@ def _rank_arg(v: str):
 
 def config_from_args(a):
     from lopro.config import QuantConfig
-    from lopro.methods.flrq import DEFAULT_RANK_DTYPE
+    from lopro.methods import get_method
 
+    spec = get_method(a.method)
     options = parse_options(a.option)
     if a.rank == "auto":
         options.setdefault("rank_mode", "auto")
     if a.bits_budget is not None:
         options.setdefault("bits_budget", a.bits_budget)
-    rank_dtype = a.rank_dtype or (DEFAULT_RANK_DTYPE if a.method == "flrq" else QuantConfig.rank_dtype)
+    rank_dtype = a.rank_dtype or spec.default_rank_dtype
     return QuantConfig(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, desc_act=a.desc_act,
                        mse=a.mse, damp_percent=a.damp_percent, true_sequential=a.true_sequential,
                        propagate=a.propagate, rank=QuantConfig.rank if a.rank == "auto" else a.rank,
@@ -203,7 +204,8 @@ def _add_backend_arg(p: argparse.ArgumentParser) -> None:
 def _load_for_inference(name: str, device, backend: str):
     """(model, tokenizer): a packed checkpoint loads with `backend`, any other model as load_model does."""
     from lopro.io.checkpoint import is_lopro_checkpoint, load
-    from lopro.io.loading import default_device, load_model, load_tokenizer
+    from lopro.device import default_device
+    from lopro.io.loading import load_model, load_tokenizer
 
     tok, path = load_tokenizer(name)
     if is_lopro_checkpoint(path):
@@ -251,7 +253,7 @@ def cmd_info(a) -> dict:
 
     from lopro.nn.backends import plan_specs
     from lopro.io.checkpoint import read_quantization_config
-    from lopro.io.loading import default_device
+    from lopro.device import default_device
 
     info = checkpoint_info(a.folder)
     info["backend"] = plan_specs(read_quantization_config(a.folder)["modules"], a.backend,
@@ -287,7 +289,7 @@ def _print_info(info: dict) -> None:
 def _grid_from_args(a):
     from lopro.compare import FP, Grid
     from lopro.config import QuantConfig
-    from lopro.methods.flrq import DEFAULT_RANK_DTYPE
+    from lopro.methods import get_method
 
     configs = []
     for method in a.methods.split(","):
@@ -295,11 +297,11 @@ def _grid_from_args(a):
             configs.append(FP)
             continue
         for bits in (int(b) for b in a.bits.split(",")):
-            options = {"rank_mode": "auto"} if a.rank == "auto" else {}
+            spec = get_method(method)
+            options = {"rank_mode": "auto"} if a.rank == "auto" and spec.takes("rank_mode") else {}
             configs.append(QuantConfig(method=method, bits=bits, group_size=a.group_size,
                                        rank=16 if a.rank == "auto" else int(a.rank),
-                                       rank_dtype=a.rank_dtype or (DEFAULT_RANK_DTYPE if method == "flrq"
-                                                                   else QuantConfig.rank_dtype),
+                                       rank_dtype=a.rank_dtype or spec.default_rank_dtype,
                                        seed=a.seed, options=options))
     return Grid(model=a.model, configs=configs, calib_data=a.calib_data, nsamples=a.nsamples, seqlen=a.seqlen,
                 seed=a.seed, eval_data=tuple(a.data.split(",")), eval_windows=a.windows or None,

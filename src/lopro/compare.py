@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,11 +17,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lopro import __version__
+from lopro._version import __version__
+from lopro.io.atomic import atomic_write
 from lopro.config import QuantConfig
 from lopro.data.assets import cache_dir
 from lopro.data.windows import calibration_windows, eval_windows, fingerprint, tokenize_split
-from lopro.methods import NEEDS_HESSIAN
+from lopro.methods import get_method
 from lopro.io.loading import load_model, load_tokenizer
 from lopro.pipeline.run import quantize
 
@@ -90,9 +90,7 @@ class ResultStore:
             self._write()
 
     def _write(self) -> None:
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(self.data, indent=1, default=str))
 
 
 @contextmanager
@@ -116,7 +114,7 @@ def label_of(cfg: dict) -> str:
         return "fp"
     g = "pc" if cfg["group_size"] == -1 else f"g{cfg['group_size']}"
     s = f"{cfg['method']} W{cfg['bits']} {g}"
-    if cfg.get("rank") and cfg["method"] not in ("rtn", "gptq", "gptvq"):
+    if cfg.get("rank") and get_method(cfg["method"]).lowrank:
         s += f" r{cfg['options'].get('rank_mode', cfg['rank'])}"
     extra = {k: v for k, v in cfg.get("options", {}).items() if k != "rank_mode"}
     return s + "".join(f" {k}={v}" for k, v in sorted(extra.items()))
@@ -169,7 +167,7 @@ def _run_one(grid: Grid, d: dict, label: str, calib, evals, stats_dir, tok) -> d
     else:
         cfg = QuantConfig.from_dict(d)
         t0 = time.perf_counter()
-        used = calib if NEEDS_HESSIAN[cfg.method] else None  # RTN: no forwards for statistics it ignores
+        used = calib if get_method(cfg.method).needs_calibration else None  # RTN: no forwards for statistics it ignores
         _, report = quantize(model, cfg, used, batch_size=grid.batch_size, device=device,
                              stats_cache=stats_dir if cfg.propagate == "fp" else None, progress=False)
         s = report.summary

@@ -4,10 +4,27 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from lopro.linalg.r1svd import FACTOR_DTYPES, SOLVERS
+from lopro.methods import get_method
+from lopro.methods.options import opt, parse
+
 BITS_RANGE = (2, 8)
-RANK_DTYPES = ("fp8", "fp16", "fp32")
-LOWRANK_SOLVERS = ("r1svd", "svd")
+RANK_DTYPES = tuple(FACTOR_DTYPES)
+LOWRANK_SOLVERS = SOLVERS
 PROPAGATE = ("quantized", "fp")
+STARVED_EXPERT_HESSIANS = ("identity", "diagonal")  # the default first
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """Options of the pipeline itself, valid with every method (``--option KEY=VALUE``)."""
+
+    hessian_dtype: str = opt("fp32", str, ("fp32", "fp64"), doc="dtype X^T X is accumulated in")
+    starved_expert_hessian: str = opt(STARVED_EXPERT_HESSIANS[0], str, STARVED_EXPERT_HESSIANS,
+                                      doc="what an MoE expert too few tokens reached is quantized with")
+    min_expert_tokens_share: float = opt(0.1, float, minimum=0)
+    min_expert_tokens_per_input: float = opt(1.0, float, minimum=0)
+    moe_weighted_hessian: bool = opt(False, bool, doc="weight routed tokens by their routing weight")
 
 
 @dataclass
@@ -32,7 +49,7 @@ class QuantConfig:
     power_iters: int = 2
     block_identity: int = 128      # b_I: leading columns left unrotated
     block_hadamard: int = 128      # b_H: size of each rotated block
-    # method-specific extras (e.g. FLRQ/GPTVQ knobs), kept serialisable
+    # pipeline and method options by name (PipelineOptions, the method's classes), kept serialisable
     options: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -56,9 +73,32 @@ class QuantConfig:
             raise ValueError(f"propagate must be one of {PROPAGATE}, got {self.propagate!r}")
         if self.block_identity < 0 or self.block_hadamard < 1:
             raise ValueError("block_identity must be >= 0 and block_hadamard >= 1")
-        from lopro.methods import get_method  # late import: methods import this module
+        self._parsed()  # the method exists, and every option is known and well typed
+        if get_method(self.method).residual == "vq":
+            from lopro.methods.rank import vq_config
 
-        get_method(self.method)
+            vq_config(self, width=None)  # GPTVQ's settings are valid for these bits and options
+
+    def _parsed(self) -> tuple:
+        spec = get_method(self.method)
+        return parse((PipelineOptions, *spec.options), dict(self.options), f"method {self.method!r}")
+
+    @property
+    def pipeline_options(self) -> PipelineOptions:
+        return self._parsed()[0]
+
+    @property
+    def method_options(self) -> tuple:
+        return self._parsed()[1:]
+
+    def options_of(self, cls, required: bool = True):
+        """The parsed options object of class `cls` (e.g. RankOptions) for this config's method."""
+        for o in self._parsed():
+            if isinstance(o, cls):
+                return o
+        if required:
+            raise ValueError(f"method {self.method!r} takes no {cls.__name__}")
+        return None
 
     def check_width(self, in_features: int, name: str = "layer") -> None:
         if self.group_size > in_features:

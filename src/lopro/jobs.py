@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -10,31 +9,13 @@ import torch
 
 from lopro.config import QuantConfig
 from lopro.data.corpora import load_corpus
-from lopro.io.atomic import publish
+from lopro.io.atomic import check_out_folder
 from lopro.data.windows import calibration_windows, eval_windows, tokenize_split
-from lopro.io.loading import default_device, load_model, load_tokenizer, resolve_model_path
+from lopro.device import default_device
+from lopro.io.loading import load_model, load_tokenizer, resolve_model_path
 from lopro.pipeline.run import quantize, validate
 
 log = logging.getLogger(__name__)
-
-
-def check_out_folder(out: str | Path, overwrite: bool) -> Path:
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
-    return out
-
-
-def write_folder_atomically(out: Path, write) -> None:
-    """Build the folder under a temporary name, then swap it in: never a half-written folder."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        publish(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def quantize_to_folder(model_name: str, cfg: QuantConfig, out, *, calib_data="wiki", nsamples=128, seqlen=512,
@@ -49,7 +30,7 @@ def quantize_to_folder(model_name: str, cfg: QuantConfig, out, *, calib_data="wi
     from lopro.data.windows import fingerprint
     from lopro.io.lazy import LazyModel
     from lopro.io.stream import StreamedRun, choose_offload, estimate_output_bytes, model_fingerprint
-    from lopro.methods import NEEDS_HESSIAN
+    from lopro.methods import get_method
     from lopro.pipeline.activations import estimate_bytes
 
     out = check_out_folder(out, overwrite)
@@ -59,7 +40,7 @@ def quantize_to_folder(model_name: str, cfg: QuantConfig, out, *, calib_data="wi
     validate(lazy.model, cfg)
     tok, _ = load_tokenizer(str(path))
     calib = None
-    if NEEDS_HESSIAN[cfg.method]:  # RTN and other weight-only methods run no calibration forward
+    if get_method(cfg.method).needs_calibration:  # RTN and other weight-only methods run no calibration forward
         calib = calibration_windows(tokenize_split(tok, calib_data, "calib"), nsamples, seqlen, cfg.seed)
     dev = torch.device(device) if device else default_device()
     run_settings = {"calib_data": str(calib_data), "nsamples": nsamples, "seqlen": seqlen, "batch_size": batch_size,
@@ -75,7 +56,7 @@ def quantize_to_folder(model_name: str, cfg: QuantConfig, out, *, calib_data="wi
     try:
         on_layer = None
         if packed:
-            from lopro.nn.qlinear import packer
+            from lopro.model.surgery import packer
 
             on_layer = packer(lazy.model)
         _, report = quantize(lazy.model, cfg, calib, batch_size=batch_size, device=dev, stats_cache=stats_cache,

@@ -10,7 +10,8 @@ import torch
 from conftest import tiny_llama
 from lopro import QuantConfig, quantize
 from lopro.io import checkpoint as ck
-from lopro.nn.qlinear import QuantLinear, packer
+from lopro.nn.qlinear import QuantLinear
+from lopro.model.surgery import packer
 from lopro.model.walk import find_blocks
 
 

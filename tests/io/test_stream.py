@@ -23,7 +23,7 @@ from lopro.cli import main
 from lopro.io.stream import ResumeError, work_folder
 from lopro.jobs import evaluate_ppl, quantize_to_folder
 from lopro.io.checkpoint import CheckpointError
-from lopro.nn.qlinear import packer
+from lopro.model.surgery import packer
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 49152

@@ -9,7 +9,7 @@ from lopro.linalg.flr import flexible_rank, precision_gain, size_growth
 from lopro.methods import get_method
 from lopro.methods.base import LayerStats
 from lopro.methods.flrq import allocate_ranks, quantize_clipped, rank_cap
-from lopro.pipeline.run import proxy_loss
+from lopro.quant.loss import layer_loss
 
 
 def _gen(seed=0):
@@ -54,7 +54,7 @@ def _run(method, W, stats, **kw):
     kw.setdefault("rank_dtype", "fp16")
     cfg = QuantConfig(method=method, **kw)
     res = get_method(method)(W, stats, cfg)
-    return res, proxy_loss(W, res.weight, stats.H)[0]
+    return res, layer_loss(W, res.weight, stats.H)
 
 
 # --------------------------------------------------------------------------- R1-FLR
@@ -141,12 +141,12 @@ def test_effective_bits_counted_from_storage():
     for gs, groups in ((-1, 1), (64, 3)):
         res, _ = _run("flrq", W, stats, bits=3, group_size=gs)
         r = res.info["rank"]
-        assert r == res.parts["lowrank"].rank and r > 0
+        assert r == res.lowrank.rank and r > 0
         total = m * n * 3 + m * groups * 16 + r * (m + n) * 16 + r * 16 + 16 * n  # sym: no zeros stored
         assert res.total_bits == total
-        assert set(res.parts) == {"quant", "lowrank", "alpha"}
-        torch.testing.assert_close(res.weight, res.parts["quant"].dequantize()
-                                   + res.parts["lowrank"].dense() / res.parts["alpha"][None, :])
+        assert res.perm is None and res.rotation is None and res.alpha is not None
+        torch.testing.assert_close(res.weight, res.residual.dequantize()
+                                   + res.lowrank.dense() / res.alpha[None, :])
 
 
 @pytest.mark.parametrize("bits", [2, 3])
@@ -182,7 +182,7 @@ def test_flrq_beats_rtn_at_equal_bits():
     assert loss < 0.9 * loss_rtn
     gptq_res, loss_gptq = _run("flrq", W, stats, bits=3, group_size=-1,
                                options={"bits_budget": rtn.effective_bits(), "residual": "gptq"})
-    assert loss_gptq < loss and gptq_res.parts["quant"].sym and gptq_res.total_bits == flrq.total_bits
+    assert loss_gptq < loss and gptq_res.residual.sym and gptq_res.total_bits == flrq.total_bits
 
 
 def test_deterministic():
@@ -209,7 +209,7 @@ def test_bits_budget_caps_and_fills():
         budget = free.effective_bits() - 0.1
         capped, _ = _run(method, W, stats, bits=3, group_size=64, options={"rank_mode": "auto",
                                                                             "bits_budget": budget})
-        assert capped.effective_bits() <= budget and capped.parts["lowrank"].rank < free.parts["lowrank"].rank
+        assert capped.effective_bits() <= budget and capped.lowrank.rank < free.lowrank.rank
         filled, _ = _run(method, W, stats, bits=3, group_size=64, options={"rank_mode": "fixed",
                                                                             "bits_budget": budget})
         per_rank = (16 * (m + n) + 16) / (m * n)

@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from conftest import random_hessian
 from lopro.config import QuantConfig
 from lopro.methods import get_method
 from lopro.methods.base import LayerStats
@@ -21,7 +20,7 @@ def problem(m=48, n=64, seed=0):
 
 def cfg(method, **kw):
     base = dict(method=method, bits=2, group_size=16, rank=4, block_identity=16, block_hadamard=16,
-                options={"vq_kmeans_iters": 5})
+                options={"vq_kmeans_iters": 5} if get_method(method).residual == "vq" else {})
     base.update(kw)
     return QuantConfig(**base)
 
@@ -30,20 +29,19 @@ def cfg(method, **kw):
 def test_layer_computes_lowrank_plus_rotated_residual(method):
     """weight == W_r + Q(R') Q^T P^T, rebuilt from the stored parts alone."""
     W, st = problem()
-    r = get_method(method)(W, st, cfg(method))
-    p = r.parts
-    W_r = p["lowrank"].dense() / p["alpha"][None, :]
-    Rq = (p.get("quant") or p.get("vq")).dequantize()
-    if "rotation" in p:
-        Rq = p["rotation"].apply_transpose(Rq)
-    if "perm" in p:
-        Rq = Rq[:, torch.argsort(p["perm"])]
+    r = get_method(method).fn(W, st, cfg(method))
+    W_r = r.lowrank.dense() / r.alpha[None, :]
+    Rq = r.residual.dequantize()
+    if r.rotation is not None:
+        Rq = r.rotation.apply_transpose(Rq)
+    if r.perm is not None:
+        Rq = Rq[:, torch.argsort(r.perm)]
     assert torch.allclose(r.weight, W_r + Rq, atol=1e-5)
     x = torch.randn(5, W.shape[1])
     y = x @ r.weight.T
-    xr = x[:, p["perm"]] if "perm" in p else x
-    xr = p["rotation"].apply(xr) if "rotation" in p else xr
-    y2 = (x / p["alpha"]) @ p["lowrank"].dense().T + xr @ (p.get("quant") or p.get("vq")).dequantize().T
+    xr = x[:, r.perm] if r.perm is not None else x
+    xr = r.rotation.apply(xr) if r.rotation is not None else xr
+    y2 = (x / r.alpha) @ r.lowrank.dense().T + xr @ r.residual.dequantize().T
     assert torch.allclose(y, y2, atol=1e-4)
 
 
@@ -79,9 +77,12 @@ def test_effective_bits_match_the_paper_formula():
     m = n = 4096
     formula = paper_bits(m, n, 2, 128, 16, 8)
     assert abs(formula - 2.1953) < 1e-3  # 2 + 16/128 + 16*8*2/4096 + 32/4096 + 256/4096^2
-    from lopro.quant.bits import index_bits, lowrank_bits, scalar_bits
-    ours = (scalar_bits(m, n, 2, n // 128, sym=True) + lowrank_bits(m, n, 16, 8) + 16 * n + index_bits(n) * n)
-    assert abs(ours / (m * n) - formula) < 1e-9
+    from lopro import formats
+    from lopro.formats import scalar
+
+    spec = formats.layer_spec(m, n, scalar.plan(2, n // 128, 128, sym=True), {"rank": 16, "storage": "fp8"},
+                              alpha=True, perm=True)
+    assert abs(formats.effective_bits(spec) - formula) < 1e-9  # the checkpoint's count is the paper's
     # square layer: the paper's 2 d_o / n term (alpha + permutation, one value per input column) is
     # 2 d_o / m in our m x n convention, so only square shapes compare term for term
     W, st = problem(m=64)

@@ -9,7 +9,7 @@ from conftest import tiny_llama
 from lopro import QuantConfig, quantize
 from lopro.methods import available_methods
 from lopro.io import checkpoint as ck
-from lopro.nn.qlinear import packer
+from lopro.model.surgery import packer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -10,7 +10,8 @@ from lopro.methods import get_method
 from lopro.methods.base import LayerResult, LayerStats
 from lopro.nn import backends as bk
 from lopro.io import checkpoint as ck
-from lopro.nn.qlinear import QuantLinear, packer
+from lopro.nn.qlinear import QuantLinear
+from lopro.model.surgery import packer
 from lopro.quant.rtn import ScalarQuant
 
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
@@ -32,7 +33,7 @@ def synthetic(m, n, bits, gs, rotation=False, lowrank=False, rank=8, block=128, 
     q = ScalarQuant(torch.randint(0, maxq + 1, (m, n), dtype=torch.uint8, generator=g),
                     (torch.rand(m, G, generator=g) * 0.02 + 1e-3).half().float(), zero,
                     torch.arange(n) // gs, bits, sym)
-    parts: dict = {"quant": q}
+    parts: dict = {"residual": q}
     if lowrank:
         parts["lowrank"] = LowRank((torch.randn(m, rank, generator=g) * 0.1).to(torch.float8_e4m3fn),
                                    (torch.rand(rank, generator=g) + 0.5).half(),
@@ -41,7 +42,7 @@ def synthetic(m, n, bits, gs, rotation=False, lowrank=False, rank=8, block=128, 
     if rotation:
         parts["perm"] = torch.randperm(n, generator=g)
         parts["rotation"] = BlockRotation(n, block, block)
-    return LayerResult(torch.zeros(m, n), 0.0, parts)
+    return LayerResult(torch.zeros(m, n), **parts)
 
 
 def outputs(layer, x, choices=("int4pack", "dense", "int4pack+dense")):

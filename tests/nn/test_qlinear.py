@@ -7,7 +7,8 @@ from lopro import QuantConfig
 from lopro.linalg import BlockRotation, LowRank
 from lopro.methods import get_method
 from lopro.methods.base import LayerResult, LayerStats
-from lopro.nn.qlinear import QuantLinear, buffer_specs, effective_bits
+from lopro.nn.qlinear import QuantLinear, buffer_specs
+from lopro.formats import effective_bits
 from lopro.quant.rtn import ScalarQuant, rtn_quantize
 
 M, N = 48, 192
@@ -60,9 +61,9 @@ def test_forward_matches_result_weight_exactly_with_fp16_grids(fp16_grids, metho
     x = torch.randn(2, 5, N)
     assert rel(layer(x), x @ result.weight.T + bias) < 2e-6
     assert rel(layer.dense_weight(), result.weight) < 2e-6
-    g_idx_bits = 16 / M if extra.get("desc_act") else 0.0  # act-order stores its column -> group map
-    # rows are packed in whole bytes: at most 7 padding bits per row for the codes and for the zeros
-    assert 0 <= layer.effective_bits() - result.effective_bits() - g_idx_bits <= 14 / N
+    # one count (lopro.formats): what the report says is what the layer holds, byte for byte
+    held = sum(t.numel() * t.element_size() * 8 for k, t in layer.state_dict().items() if k != "bias")
+    assert layer.effective_bits() == result.effective_bits() == held / (M * N)
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq", "lopro", "lqer"])
@@ -77,7 +78,7 @@ def test_forward_matches_result_weight_with_solver_grids(method):
 
 def test_parts_absent_means_plain_layer_and_dtypes():
     q = rtn_quantize(weight(), 3, 64)
-    layer = QuantLinear.from_result(LayerResult(q.dequantize(), q.storage_bits(), {"quant": q}))
+    layer = QuantLinear.from_result(LayerResult(q.dequantize(), residual=q))
     assert set(layer.state_dict()) == {"qweight", "scales", "qzeros"}
     assert layer.qweight.dtype == torch.uint8 and layer.qweight.shape == (M, N * 3 // 8)
     assert layer.scales.dtype == torch.float16 and layer.qzeros.shape == (M, 2)  # 3 groups x 3 bits -> 2 bytes
@@ -101,7 +102,7 @@ def test_online_rotation_equals_block_rotation_apply():
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(1))
     rot = BlockRotation(n, 64, 64)
     q = rtn_quantize(torch.randn(16, n), 4, 64)
-    layer = QuantLinear.from_result(LayerResult(torch.zeros(16, n), 0.0, {"quant": q, "perm": perm, "rotation": rot}))
+    layer = QuantLinear.from_result(LayerResult(torch.zeros(16, n), residual=q, perm=perm, rotation=rot))
     x = torch.randn(3, 4, n)
     ref = rot.apply(x[..., perm])
     for impl in ("matmul", "fwht"):
@@ -122,11 +123,10 @@ def test_synthetic_lowrank_only_and_leftover_columns():
     perm, rot = torch.randperm(n, generator=g), BlockRotation(n, 64, 64)
     inv = torch.argsort(perm)
     W = lr.dense() / alpha + rot.apply_transpose(q.dequantize())[:, inv]
-    parts = {"quant": q, "lowrank": lr, "alpha": alpha, "perm": perm, "rotation": rot}
-    layer = QuantLinear.from_result(LayerResult(W, 0.0, parts))
+    layer = QuantLinear.from_result(LayerResult(W, residual=q, lowrank=lr, alpha=alpha, perm=perm, rotation=rot))
     x = torch.randn(5, n, generator=g)
     assert rel(layer(x), x @ W.T) < 1e-5
-    only = QuantLinear.from_result(LayerResult(lr.dense() / alpha, 0.0, {"lowrank": lr, "alpha": alpha}))
+    only = QuantLinear.from_result(LayerResult(lr.dense() / alpha, lowrank=lr, alpha=alpha))
     assert only.spec["residual"] is None and rel(only(x), x @ (lr.dense() / alpha).T) < 1e-5
 
 
@@ -164,7 +164,7 @@ def test_compute_dtypes_device_moves_and_cache():
 
 
 def test_fp8_table_widening_is_exact():
-    from lopro.nn.qlinear import _widen
+    from lopro.formats import widen as _widen
 
     every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(16, 16)
     for dtype in (torch.float32, torch.bfloat16):
@@ -174,7 +174,7 @@ def test_fp8_table_widening_is_exact():
 def test_bad_parts_are_refused():
     q = rtn_quantize(weight(), 2, 64)
     with pytest.raises(ValueError, match="permutation"):
-        QuantLinear.from_result(LayerResult(q.dequantize(), 0.0, {"quant": q, "perm": torch.zeros(N, dtype=torch.long)}))
+        QuantLinear.from_result(LayerResult(q.dequantize(), residual=q, perm=torch.zeros(N, dtype=torch.long)))
     q.zero[0, 0] = 1.5
     with pytest.raises(ValueError, match="zeros must be integers"):
-        QuantLinear.from_result(LayerResult(q.dequantize(), 0.0, {"quant": q}))
+        QuantLinear.from_result(LayerResult(q.dequantize(), residual=q))

@@ -7,10 +7,9 @@ from lopro.quant.packing import (
     FORMATS,
     SUPPORTED_BITS,
     pack,
-    pack_int16_or_32,
+    index_dtype,
     packed_length,
     unpack,
-    unpack_index,
 )
 
 SHAPES = [(7, 576), (3, 1), (5, 1537), (2, 3, 17), (4, 0), (9,)]
@@ -153,25 +152,6 @@ def test_packed_length():
     assert packed_length(17, 8) == 17
 
 
-def test_permutation_helpers():
-    g = torch.Generator().manual_seed(0)
-    small = torch.randperm(4096, generator=g)
-    packed = pack_int16_or_32(small)
-    assert packed.dtype == torch.int16
-    back = unpack_index(packed)
-    assert back.dtype == torch.int64 and torch.equal(back, small)
-
-    edge = torch.tensor([0, 32767])
-    assert pack_int16_or_32(edge).dtype == torch.int16
-    big = torch.tensor([0, 32768, 5])
-    packed = pack_int16_or_32(big)
-    assert packed.dtype == torch.int32
-    assert torch.equal(unpack_index(packed), big)
-
-    assert pack_int16_or_32(torch.empty(0, dtype=torch.long)).dtype == torch.int16
-    with pytest.raises(ValueError, match="int32"):
-        pack_int16_or_32(torch.tensor([2**31]))
-    with pytest.raises(ValueError, match="-3"):
-        pack_int16_or_32(torch.tensor([1, -3]))
-    with pytest.raises(TypeError):
-        pack_int16_or_32(torch.tensor([1.0]))
+def test_index_dtype():
+    assert index_dtype(32768) == torch.int16  # indices 0 .. 32767
+    assert index_dtype(32769) == torch.int32

@@ -8,9 +8,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from lopro.io.atomic import write_folder_atomically
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +72,5 @@ def _convert_smollm2(target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    # Write to a temporary sibling and rename: an interrupted conversion never looks complete.
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    # built under a temporary sibling and renamed: an interrupted conversion never looks complete
+    write_folder_atomically(target, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))

@@ -6,15 +6,14 @@ documents that never overlap (every `eval_every`-th document goes to evaluation)
 from __future__ import annotations
 
 import bz2
-import hashlib
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from lopro.data.assets import AssetError, cache_dir, package_dir
+from lopro.io.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +41,6 @@ class Corpus:
         pick = [d for i, d in enumerate(docs) if (i % self.eval_every == 0) == (part == "eval")]
         return "\n\n".join(pick)
 
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for doc in self.documents:
-            h.update(doc.encode())
-        return h.hexdigest()[:16]
-
 
 def _gensim_data(name: str) -> Path:
     folder = package_dir("gensim", GENSIM_HINT) / "test" / "test_data"
@@ -71,9 +64,7 @@ def _wiki_documents() -> list[str]:
             text = _clean_wiki(filter_wiki(raw))
             if len(text) >= MIN_WIKI_CHARS:
                 docs.append(text)
-    tmp = cached.with_suffix(".tmp")
-    tmp.write_text("\n".join(json.dumps(d) for d in docs))
-    os.replace(tmp, cached)
+    atomic_write(cached, "\n".join(json.dumps(d) for d in docs))
     return docs
 
 

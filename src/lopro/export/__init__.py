@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from lopro.jobs import check_out_folder, write_folder_atomically
+from lopro.io.atomic import check_out_folder, write_folder_atomically
 from lopro.io.checkpoint import TOKENIZER_FILES, read_quantization_config
 from lopro.export import gguf_file, gptq_format
 from lopro.export.layers import ExportError, ScalarLayer, lowrank_factors, quant_layers, scalar_layer

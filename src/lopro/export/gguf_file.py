@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lopro.export.layers import ExportError, ScalarLayer
+from lopro.export.base import ExportError, ScalarLayer
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import sys
 import torch
 
 from lopro.quant.packing import pack
-from lopro.export.layers import ExportError, ScalarLayer
+from lopro.export.base import ExportError, ScalarLayer
 
 CHECKPOINT_FORMATS = ("auto", "gptq", "gptq_v2")
 GPTQ_BITS = (2, 3, 4, 8)

@@ -11,53 +11,14 @@ written exactly, and the nearest lossy option with its error measured on that la
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from lopro.export.base import ExportError, ScalarLayer
+from lopro.export.gguf_file import requantize_error
 from lopro.nn.qlinear import QuantLinear
 from lopro.quant.packing import unpack
 
-
-class ExportError(ValueError):
-    """A checkpoint (or one of its layers) cannot be written exactly in the asked format."""
-
-
-@dataclass
-class ScalarLayer:
-    """An integer residual: ``W[i, j] = scales[i, g] * (codes[i, j] - zeros[i, g])`` with ``g = g_idx[j]``."""
-
-    name: str
-    bits: int
-    sym: bool
-    codes: torch.Tensor   # [m, n] uint8, original column order
-    scales: torch.Tensor  # [m, G] fp16
-    zeros: torch.Tensor   # [m, G] int16
-    g_idx: torch.Tensor   # [n] int64
-    bias: torch.Tensor | None
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)
-
-    @property
-    def num_groups(self) -> int:
-        return self.scales.shape[1]
-
-    def group_size(self) -> int:
-        """Columns of group 0 (every group but a shorter last one has as many)."""
-        return int((self.g_idx == 0).sum())
-
-    def contiguous_group_size(self) -> int | None:
-        """gs when column j is in group j // gs (the last group may be shorter), else None."""
-        n, gs = self.shape[1], self.group_size()
-        ok = gs > 0 and -(-n // gs) == self.num_groups and torch.equal(self.g_idx, torch.arange(n) // gs)
-        return gs if ok else None
-
-    def dequantize(self) -> torch.Tensor:
-        s = self.scales.float()[:, self.g_idx]
-        z = self.zeros.float()[:, self.g_idx]
-        return s * (self.codes.float() - z)
+__all__ = ["ExportError", "ScalarLayer", "quant_layers", "has_rotation", "scalar_layer", "lowrank_factors"]
 
 
 def quant_layers(model: torch.nn.Module) -> dict[str, QuantLinear]:
@@ -70,8 +31,6 @@ def has_rotation(mod: QuantLinear) -> bool:
 
 def lossy_hint(mod: QuantLinear, fmt: str) -> str:
     """The nearest lossy option for a layer and its error measured on it (relative Frobenius)."""
-    from lopro.export.gguf_file import requantize_error
-
     if fmt == "gguf":
         err = requantize_error(mod.dense_weight(), "q8_0")
         return (f"nearest lossy option: lossy='q8_0' (re-quantize the layer's dense weight to GGUF Q8_0, "

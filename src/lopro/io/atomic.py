@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -46,8 +48,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
 
 def publish(tmp: Path, out: Path) -> None:
     """Move the finished folder `tmp` to `out`, replacing what `out` holds (the caller checked it may)."""
-    import shutil
-
     old = None
     try:
         if out.exists():
@@ -58,3 +58,22 @@ def publish(tmp: Path, out: Path) -> None:
     finally:
         if old is not None and old.exists():
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def check_out_folder(out: str | Path, overwrite: bool) -> Path:
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    return out
+
+
+def write_folder_atomically(out: Path, write) -> None:
+    """Build the folder under a temporary name, then swap it in: never a half-written folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        publish(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

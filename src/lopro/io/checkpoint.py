@@ -29,8 +29,11 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from lopro.nn.qlinear import QuantLinear, buffer_specs, effective_bits, install_quant_linears, quant_linear_specs, \
-    set_compute_dtype
+from lopro.device import default_device
+from lopro.io.atomic import check_out_folder, write_folder_atomically
+from lopro.nn.qlinear import QuantLinear, buffer_specs
+from lopro.model.surgery import install_quant_linears, quant_linear_specs, set_compute_dtype
+from lopro.formats import effective_bits
 
 log = logging.getLogger(__name__)
 
@@ -253,8 +256,6 @@ def _shareable(folder: Path) -> None:
 
 def save(model: nn.Module, out: str | Path, *, overwrite: bool = False, **kwargs) -> dict:
     """Atomically write a packed model to `out` (see :func:`save_quantized` for the options)."""
-    from lopro.jobs import check_out_folder, write_folder_atomically
-
     out = check_out_folder(out, overwrite)
     holder: dict = {}
     write_folder_atomically(out, lambda tmp: holder.update(qc=save_quantized(model, tmp, **kwargs)))
@@ -444,8 +445,6 @@ def load(folder: str | Path, device: str | torch.device | None = None, dtype: to
     bf16) and cast the unquantized tensors to it.
     """
     from safetensors import safe_open
-
-    from lopro.io.loading import default_device
 
     folder = Path(folder)
     device = torch.device(device) if device is not None else default_device()

@@ -16,7 +16,6 @@ import importlib.abc
 import logging
 import sys
 
-import torch
 
 from lopro.io.checkpoint import QUANT_METHOD
 
@@ -53,7 +52,7 @@ def _classes():
                                  "quantize a model with quant_method 'lopro' on the fly")
 
         def _process_model_before_weight_loading(self, model, **kwargs):
-            from lopro.nn.qlinear import install_quant_linears
+            from lopro.model.surgery import install_quant_linears
 
             install_quant_linears(model, self.quantization_config.modules, device="meta")
             return model
@@ -153,11 +152,3 @@ def register_lazily() -> None:
         register()
     elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegisterOnImport())
-
-
-def from_pretrained(folder, **kwargs) -> torch.nn.Module:
-    """``AutoModelForCausalLM.from_pretrained`` with the lopro quantizer registered."""
-    from transformers import AutoModelForCausalLM
-
-    register()
-    return AutoModelForCausalLM.from_pretrained(folder, **kwargs)

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from lopro.data.assets import BUILTIN_MODELS, resolve_builtin_model
+from lopro.device import default_device
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,6 @@ def resolve_model_path(name_or_dir: str) -> Path:
         return path
     raise ModelNotFoundError(f"unknown model {name_or_dir!r}: use a built-in name "
                              f"({', '.join(BUILTIN_MODELS)}) or a local Hugging Face model folder")
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_tokenizer(name_or_dir: str):

@@ -36,7 +36,7 @@ from lopro.pipeline.activations import Activations, available_memory, estimate_b
 from lopro.io.checkpoint import (DEFAULT_SHARD_BYTES, WEIGHTS_NAME, build_quantization_config, fp_storage,
                                 tensors_to_save, write_index, write_metadata, write_tensors)
 from lopro.pipeline.run import BlockIO, capture_activations
-from lopro.nn.qlinear import quant_linear_specs
+from lopro.model.surgery import quant_linear_specs
 from lopro.io.atomic import atomic_write, publish, sha256_file
 from lopro.io.lazy import LazyModel
 

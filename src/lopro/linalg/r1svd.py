@@ -29,8 +29,14 @@ logger = logging.getLogger(__name__)
 STORAGE_FORMATS = ("fp8", "fp16", "fp32")
 SOLVERS = ("r1svd", "svd")
 
-_VECTOR_DTYPE = {"fp8": torch.float8_e4m3fn, "fp16": torch.float16, "fp32": torch.float32}
-_SIGMA_DTYPE = {"fp8": torch.float16, "fp16": torch.float16, "fp32": torch.float32}
+# the one table of factor storage: name -> (dtype of U and V, dtype of S); checkpoints store these
+FACTOR_DTYPES = {
+    "fp8": (torch.float8_e4m3fn, torch.float16),
+    "fp16": (torch.float16, torch.float16),
+    "fp32": (torch.float32, torch.float32),
+}
+_VECTOR_DTYPE = {k: v for k, (v, _) in FACTOR_DTYPES.items()}
+_SIGMA_DTYPE = {k: s for k, (_, s) in FACTOR_DTYPES.items()}
 # largest finite vector entry, and how many binades a vector may be scaled below its preferred
 # scale to keep S from underflowing (fp8: keep the bulk of entries out of the subnormals)
 _VECTOR_MAX = {"fp8": 448.0, "fp16": 65504.0}

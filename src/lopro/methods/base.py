@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
+
+from lopro import formats
 
 
 @dataclass
@@ -18,21 +20,28 @@ class LayerStats:
 
 @dataclass
 class LayerResult:
-    """A quantized layer: the weight it now computes, its storage cost and its stored parts.
+    """A quantized layer: the dense weight it now computes and the parts a packed layer stores.
 
-    `weight` is the dense matrix the quantized layer is equivalent to (fake quantization);
-    `parts` holds what a packed layer stores (codes, grids, low-rank factors, alpha, permutation,
-    rotation), so that a QuantLinear can be built from it.
+    ``weight`` is the [m, n] matrix the quantized layer is equivalent to (fake quantization); the
+    layer computes ``W_r x + Ŵq (Q^T P^T x)`` with ``W_r = U S V diag(alpha)^-1`` (``lowrank``,
+    ``alpha``), ``Ŵq`` the ``residual`` (ScalarQuant or VQResult), ``P`` the permutation ``perm`` and
+    ``Q`` the block ``rotation``. Its storage is counted by lopro.formats, like the checkpoint's.
     """
 
     weight: torch.Tensor
-    total_bits: float
-    parts: dict[str, Any] = field(default_factory=dict)
+    residual: Any = None        # lopro.quant.rtn.ScalarQuant | lopro.quant.gptvq.VQResult | None
+    lowrank: Any = None         # lopro.linalg.LowRank | None
+    alpha: torch.Tensor | None = None
+    perm: torch.Tensor | None = None
+    rotation: Any = None        # lopro.linalg.BlockRotation | None
     info: dict[str, Any] = field(default_factory=dict)
 
+    def spec(self, bias: bool = False) -> dict:
+        return formats.spec_of(self, bias)
+
+    @property
+    def total_bits(self) -> int:
+        return formats.storage_bits(self.spec())
+
     def effective_bits(self) -> float:
-        m, n = self.weight.shape
-        return self.total_bits / (m * n)
-
-
-MethodFn = Callable[[torch.Tensor, LayerStats, Any], LayerResult]
+        return formats.effective_bits(self.spec())

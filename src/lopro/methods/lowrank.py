@@ -8,35 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from lopro.linalg import BlockRotation, lowrank
-from lopro.quant.bits import SCALE_BITS, index_bits, lowrank_bits
-from lopro.quant.gptq import gptq_quantize
-from lopro.quant.grid import to_storage
-from lopro.quant.rtn import rtn_quantize
-from lopro.methods import register
+from lopro.linalg import BlockRotation
 from lopro.methods.base import LayerResult
-
-FACTOR_BITS = {"fp8": 8, "fp16": 16, "fp32": 32}
-ALPHA_FLOOR = 1e-4
-
-
-def input_scaling(absmean: torch.Tensor) -> torch.Tensor:
-    """alpha_j = s_j / sqrt(min s * max s), s_j = mean_t |x_tj| clamped at 1e-4 (spec default)."""
-    s = absmean.float().clamp_min(ALPHA_FLOOR)
-    return to_storage(s / torch.sqrt(s.min() * s.max()))
-
-
-def scaled_lowrank(W: torch.Tensor, alpha: torch.Tensor, cfg):
-    """(LowRank of W diag(alpha), W_r = its dense form times diag(alpha)^-1), from the stored factors.
-
-    options["rank_mode"]="auto" (R1-FLR) or options["bits_budget"]: the rank comes from flrq.select_lowrank."""
-    if cfg.options.get("rank_mode") == "auto" or cfg.options.get("bits_budget") is not None:
-        from lopro.methods.flrq import select_lowrank  # late import: flrq imports this module
-        lr, _ = select_lowrank(W * alpha[None, :], cfg, rank_mode="fixed")
-    else:
-        lr = lowrank(W * alpha[None, :], cfg.rank, solver=cfg.lowrank_solver, iters=cfg.power_iters, seed=cfg.seed,
-                     storage=cfg.rank_dtype)
-    return lr, lr.dense() / alpha[None, :]
+from lopro.methods.options import RankOptions, VQOptions
+from lopro.methods.rank import input_scaling, scaled_lowrank, vq_config
+from lopro.methods.registry import register
+from lopro.quant.gptq import gptq_quantize
+from lopro.quant.rtn import rtn_quantize
 
 
 def salience_permutation(H: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
@@ -48,13 +26,6 @@ def salience_permutation(H: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
 def rotate_hessian(H: torch.Tensor, rot: BlockRotation) -> torch.Tensor:
     """Q^T H Q for symmetric H."""
     return rot.apply(rot.apply(H).T)
-
-
-def vq_config(cfg, width: int):
-    from lopro.quant.gptvq import VQConfig
-
-    overrides = {k[3:]: v for k, v in cfg.options.items() if k.startswith("vq_")}  # e.g. vq_kmeans_iters=10
-    return VQConfig.for_bits(cfg.bits, width=width, seed=cfg.seed, damp_percent=cfg.damp_percent, **overrides)
 
 
 def quantize_residual(R: torch.Tensor, H: torch.Tensor, cfg, solver: str):
@@ -71,10 +42,10 @@ def quantize_residual(R: torch.Tensor, H: torch.Tensor, cfg, solver: str):
 
 def lowrank_residual(W, stats, cfg, solver: str = "gptq", rotation: str = "none", permute: bool = False):
     """The shared recipe; `rotation` is "none", "full" or "block" (b_I identity + b_H Hadamard blocks)."""
-    m, n = W.shape
+    n = W.shape[1]
     H = stats.H.to(W.device, torch.float32)
     alpha = input_scaling(stats.absmean.to(W.device))
-    lr, W_r = scaled_lowrank(W, alpha, cfg)
+    lr, W_r, _ = scaled_lowrank(W, alpha, cfg)
     R = W - W_r
     perm = salience_permutation(H, R) if permute else None
     if perm is not None:
@@ -92,57 +63,54 @@ def lowrank_residual(W, stats, cfg, solver: str = "gptq", rotation: str = "none"
         residual = rot.apply_transpose(residual)
     if perm is not None:
         residual = residual[:, torch.argsort(perm)]
-    bits = q.storage_bits() + lowrank_bits(m, n, lr.rank, FACTOR_BITS[cfg.rank_dtype]) + SCALE_BITS * n
-    parts = {"vq" if solver == "gptvq" else "quant": q, "lowrank": lr, "alpha": alpha}
-    if perm is not None:
-        bits += index_bits(n) * n
-        parts["perm"] = perm
-    if rot is not None:
-        parts["rotation"] = rot
-    return LayerResult(W_r + residual, bits, parts, info={"rank": lr.rank})
+    return LayerResult(W_r + residual, residual=q, lowrank=lr, alpha=alpha, perm=perm, rotation=rot,
+                       info={"rank": lr.rank})
 
 
-@register("lowrank-rtn")
+@register("lowrank-rtn", lowrank=True, options=(RankOptions,))
 def lowrank_rtn(W, stats, cfg) -> LayerResult:
+    """Ablation: scaled low rank, then the residual rounded to nearest."""
     return lowrank_residual(W, stats, cfg, solver="rtn")
 
 
-@register("lowrank-gptq")
+@register("lowrank-gptq", lowrank=True, options=(RankOptions,))
 def lowrank_gptq(W, stats, cfg) -> LayerResult:
+    """Ablation: scaled low rank, then the residual quantized by GPTQ."""
     return lowrank_residual(W, stats, cfg)
 
 
-@register("lowrank-gptq-hadamard")
+@register("lowrank-gptq-hadamard", lowrank=True, options=(RankOptions,))
 def lowrank_gptq_hadamard(W, stats, cfg) -> LayerResult:
+    """Ablation: scaled low rank, then GPTQ on the residual after a full Walsh-Hadamard rotation."""
     return lowrank_residual(W, stats, cfg, rotation="full")
 
 
-@register("lopro")
+@register("lopro", lowrank=True, options=(RankOptions,), stores_permutation=True)
 def lopro(W, stats, cfg) -> LayerResult:
+    """LoPRo: scaled low rank (R1SVD), then GPTQ on the permuted, block-Hadamard-rotated residual."""
     return lowrank_residual(W, stats, cfg, rotation="block", permute=True)
 
 
-@register("lopro-v")
+@register("lopro-v", lowrank=True, options=(RankOptions, VQOptions), residual="vq",
+          stores_permutation=True)
 def lopro_v(W, stats, cfg) -> LayerResult:
     """LoPRo with GPTVQ (2-D vectors, 8-bit codebooks) on the permuted, rotated residual."""
     return lowrank_residual(W, stats, cfg, solver="gptvq", rotation="block", permute=True)
 
 
-@register("gptvq")
+@register("gptvq", options=(VQOptions,), residual="vq")
 def gptvq(W, stats, cfg) -> LayerResult:
     """Plain GPTVQ (no low rank, no rotation); cfg.group_size is not used (codebook groups are)."""
     q = quantize_residual(W, stats.H, cfg, "gptvq")
-    return LayerResult(q.dequantize(), q.storage_bits(), {"vq": q})
+    return LayerResult(q.dequantize(), residual=q)
 
 
-@register("lqer")
+@register("lqer", lowrank=True, options=(RankOptions,))
 def lqer(W, stats, cfg) -> LayerResult:
     """GPTQ first, then a scaled low rank of the quantization error (the form LoPRo argues against)."""
-    m, n = W.shape
     q = gptq_quantize(W, stats.H, cfg.bits, cfg.group_size, cfg.sym, cfg.mse, cfg.desc_act, cfg.damp_percent,
                       cfg.blocksize)
     Wq = q.dequantize()
     alpha = input_scaling(stats.absmean.to(W.device))
-    lr, E_r = scaled_lowrank(W - Wq, alpha, cfg)
-    bits = q.storage_bits() + lowrank_bits(m, n, lr.rank, FACTOR_BITS[cfg.rank_dtype]) + SCALE_BITS * n
-    return LayerResult(Wq + E_r, bits, {"quant": q, "lowrank": lr, "alpha": alpha}, info={"rank": lr.rank})
+    lr, E_r, _ = scaled_lowrank(W - Wq, alpha, cfg)
+    return LayerResult(Wq + E_r, residual=q, lowrank=lr, alpha=alpha, info={"rank": lr.rank})

@@ -44,9 +44,6 @@ from lopro.model.walk import UnsupportedModelError
 # the output dim (concatenated [gate; up], or interleaved when the module says is_concatenated=False).
 FUSED_EXPERT_TENSORS = (("gate_up_proj", "down_proj", True), ("up_proj", "down_proj", False))
 EXPERT_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?experts)\.(?P<index>\d+)\.(?P<suffix>.+)$")
-DEFAULT_MIN_EXPERT_SHARE = 0.1
-DEFAULT_MIN_TOKENS_PER_INPUT = 1.0
-STARVED_EXPERT_HESSIANS = ("identity", "diagonal")  # option starved_expert_hessian, the default first
 
 
 @dataclass(frozen=True)
@@ -325,8 +322,8 @@ def expert_stages(groups: list[list[str]], names) -> list[list[str]]:
     return stages
 
 
-def starved_experts(names, stats: dict[str, LayerStats], min_share: float,
-                    min_per_input: float = DEFAULT_MIN_TOKENS_PER_INPUT) -> dict[str, str]:
+def starved_experts(names, stats: dict[str, LayerStats], min_share: float = 0.1,
+                    min_per_input: float = 1.0) -> dict[str, str]:
     """Expert layers among `names` whose Hessian cannot be trusted; name -> reason, for the warning.
 
     Starved: no calibration token, fewer than `min_share` of the fair share (the siblings' total / their

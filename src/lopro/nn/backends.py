@@ -196,7 +196,7 @@ class VQTable:
     two int64 index tensors on every call)."""
 
     def __init__(self, mod, dtype: torch.dtype):
-        from lopro.nn.qlinear import _vq_layout
+        from lopro.formats.vq import layout as _vq_layout
 
         res = mod.spec["residual"]
         lay = _vq_layout(res)
@@ -261,7 +261,7 @@ class Kernel:
 
     def prepare(self, mod) -> None:
         from lopro.linalg.hadamard import hadamard_matrix
-        from lopro.nn.qlinear import _widen
+        from lopro.formats import widen as _widen
 
         self.reset()
         dtype, spec = self.dtype, mod.spec
@@ -364,7 +364,8 @@ def set_backend(model: nn.Module, backend: str | None = "auto", dtype: torch.dty
     ``"reference"`` (or None) keeps the model as loaded unless `dtype` is given.
     `prepare`: build the kernel layouts now (default) rather than on each layer's first call.
     """
-    from lopro.nn.qlinear import QuantLinear, set_compute_dtype
+    from lopro.nn.qlinear import QuantLinear
+    from lopro.nn.qlinear import set_compute_dtype
 
     backend = backend or "reference"
     if backend not in BACKENDS:

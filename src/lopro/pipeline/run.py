@@ -5,6 +5,7 @@ Each block's outputs (from the *quantized* block by default) feed the next block
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -14,14 +15,17 @@ import torch
 from tqdm.auto import tqdm
 
 from lopro.config import QuantConfig
-from lopro.methods import NEEDS_HESSIAN, get_method
+from lopro.io.atomic import atomic_write
+from lopro.methods import get_method
 from lopro.methods.base import LayerResult, LayerStats
 from lopro.pipeline.activations import Activations
 from lopro.pipeline.calibrate import StatsCollector
 from lopro.pipeline.memory import PeakMemory
-from lopro.model.moe import (DEFAULT_MIN_EXPERT_SHARE, DEFAULT_MIN_TOKENS_PER_INPUT, STARVED_EXPERT_HESSIANS, expert_stages,
-                  fallback_stats, find_fused_experts, refuse_experts, starved_experts, unfuse_experts)
-from lopro.model.walk import StopForward, block_output, capture_block_inputs, check_finite, find_blocks, find_linears, to_device
+from lopro.model.moe import (expert_stages, fallback_stats, find_fused_experts, refuse_experts, starved_experts,
+                             unfuse_experts)
+from lopro.model.walk import (StopForward, block_output, capture_block_inputs, check_finite, find_blocks,
+                              find_linears, to_device)
+from lopro.quant.loss import output_error
 
 log = logging.getLogger(__name__)
 
@@ -37,26 +41,9 @@ class QuantReport:
         return {"config": self.config, "summary": self.summary, "blocks": self.blocks, "layers": self.layers}
 
 
-def proxy_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, rows: int = 512) -> tuple[float, float]:
-    """tr(dW H dW^T) and the relative output error sqrt(that / tr(W H W^T)), in fp64, `rows` rows at a
-    time (a whole fp64 copy of a 7B down_proj's H and W would be 1.3 GB)."""
-    loss = ref = 0.0
-    for r in range(0, W.shape[0], rows):
-        w = W[r:r + rows].double()
-        dw = W_hat[r:r + rows].double() - w
-        for c in range(0, H.shape[0], 4096):  # H's rows in fp64 slices too
-            h = H[c:c + 4096].to(W.device).double()
-            loss += torch.sum((dw[:, c:c + 4096] @ h) * dw).item()
-            ref += torch.sum((w[:, c:c + 4096] @ h) * w).item()
-    return loss, (loss / ref) ** 0.5 if ref > 0 else float("nan")
-
-
 def validate(model, config: QuantConfig) -> None:
     """Every check that can fail, before anything is computed or written."""
     config.validate()
-    if config.options.get("starved_expert_hessian", STARVED_EXPERT_HESSIANS[0]) not in STARVED_EXPERT_HESSIANS:
-        raise ValueError(f"option starved_expert_hessian={config.options['starved_expert_hessian']!r}: "
-                         f"use one of {', '.join(STARVED_EXPERT_HESSIANS)}")
     check_finite(model)
     _, blocks = find_blocks(model)
     for i, block in enumerate(blocks):
@@ -113,18 +100,19 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
     """
     io = io or BlockIO()
     validate(model, config)
-    method = get_method(config.method)
-    if calibration is None and NEEDS_HESSIAN[config.method]:
+    spec = get_method(config.method)
+    method = spec.fn
+    if calibration is None and spec.needs_calibration:
         raise ValueError(f"method {config.method!r} needs calibration data")
     params = [p for p in model.parameters() if p.device.type != "meta"]
     model_device = params[0].device if params else torch.device("cpu")
     device = torch.device(device) if device is not None else model_device
-    weighted = bool(config.options.get("moe_weighted_hessian", False))
+    weighted = config.pipeline_options.moe_weighted_hessian
     with PeakMemory(device) as mem:
         if pack and on_layer is not None:
             raise ValueError("pass either pack=True or on_layer, not both")
         if pack:
-            from lopro.nn.qlinear import packer
+            from lopro.model.surgery import packer
 
             on_layer = packer(model)
         on_layer = on_layer or _replace_weight
@@ -190,7 +178,7 @@ def _calibrate_block(block, linears, inputs, device, config, method, on_layer, i
     Returns (stats, groups, next_inputs) where next_inputs are the fp outputs when propagate="fp"
     (computed in the same pass) and the unchanged inputs otherwise.
     """
-    dtype = torch.float64 if config.options.get("hessian_dtype") == "fp64" else torch.float32
+    dtype = torch.float64 if config.pipeline_options.hessian_dtype == "fp64" else torch.float32
     if config.propagate == "fp" or not config.true_sequential:
         outputs = io.next_activations(i, inputs) if config.propagate == "fp" else None
         stats, groups, _ = _collect(block, linears, inputs, device, dtype, outputs=outputs)
@@ -207,6 +195,9 @@ def _calibrate_block(block, linears, inputs, device, config, method, on_layer, i
         for name in group:
             _quantize_layer(i, name, linears[name], stats.get(name), config, method, on_layer, report,
                             starved.get(name))
+        for name in group:  # the group's Hessians are not needed again (a 7B down_proj's is 485 MB)
+            if name in stats:
+                stats[name] = dataclasses.replace(stats[name], H=None)
     return stats, groups, inputs
 
 
@@ -231,17 +222,16 @@ def _forward(block, inputs: Activations, device, outputs: Activations) -> Activa
 
 
 def _starved(names, stats, config) -> dict[str, str]:
-    o = config.options
-    return starved_experts(names, stats, o.get("min_expert_tokens_share", DEFAULT_MIN_EXPERT_SHARE),
-                           o.get("min_expert_tokens_per_input", DEFAULT_MIN_TOKENS_PER_INPUT))
+    o = config.pipeline_options
+    return starved_experts(names, stats, o.min_expert_tokens_share, o.min_expert_tokens_per_input)
 
 
 def _quantize_layer(i, name, module, stats, config, method, on_layer, report, starved: str | None = None) -> None:
     """`starved`: why this expert is quantized without its Hessian (moe.starved_experts), if it is."""
     W = module.weight.detach().float()
-    fallback = starved is not None or (stats is None and NEEDS_HESSIAN[config.method])
+    fallback = starved is not None or (stats is None and get_method(config.method).needs_calibration)
     if fallback:
-        mode = config.options.get("starved_expert_hessian", STARVED_EXPERT_HESSIANS[0])
+        mode = config.pipeline_options.starved_expert_hessian
         used, how = fallback_stats(W.shape[1], stats, mode, W.device)
         log.warning("block %d %s: %s; quantized %s", i, name, starved or "no calibration token reached this layer",
                     how.format(method=config.method))
@@ -250,9 +240,9 @@ def _quantize_layer(i, name, module, stats, config, method, on_layer, report, st
     seconds = time.perf_counter() - t0
     if not torch.isfinite(result.weight).all():
         raise FloatingPointError(f"block {i} {name}: {config.method} produced NaN/inf weights")
-    loss, rel = proxy_loss(W, result.weight, stats.H) if stats is not None else (float("nan"), float("nan"))
+    loss, rel, rows = output_error(W, result.weight, stats.H) if stats is not None else (float("nan"),) * 2 + (0,)
     row = {"block": i, "name": name, "shape": list(W.shape), "effective_bits": result.effective_bits(),
-           "proxy_loss": loss, "rel_output_error": rel, "seconds": seconds,
+           "proxy_loss": loss, "rel_output_error": rel, "loss_rows": rows, "seconds": seconds,
            "tokens": stats.tokens if stats is not None else 0, "fallback": fallback, **result.info}
     report.layers.append(row)
     log.info("block %d %-24s bits=%.3f loss=%.4g rel_err=%.4f %.2fs", i, name, row["effective_bits"], loss, rel,
@@ -310,8 +300,7 @@ class _StatsCache:
 
     def save(self, i, stats, groups, last: bool):
         path = self.folder / f"block_{i:03d}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save({"stats": {k: vars(v) for k, v in stats.items()}, "groups": groups}, tmp)
-        tmp.replace(path)
+        atomic_write(path, b"", writer=lambda tmp: torch.save(
+            {"stats": {k: vars(v) for k, v in stats.items()}, "groups": groups}, tmp))
         if last:
             (self.folder / "complete").write_text(self.key)

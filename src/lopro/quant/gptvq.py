@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from lopro.quant.hessian import prepare
+from lopro.quant.loss import layer_loss
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +60,26 @@ class VQConfig:
     assign_metric: str = "block"
 
     def __post_init__(self) -> None:
-        assert self.bits in SUPPORTED_BITS, f"bits must be one of {SUPPORTED_BITS}, got {self.bits}"
-        assert self.dim in SUPPORTED_DIMS, f"dim must be one of {SUPPORTED_DIMS}, got {self.dim}"
-        assert self.bits * self.dim <= 15, f"codebook of 2**{self.bits * self.dim} entries is too big"
-        assert self.group_size >= self.dim, f"group_size {self.group_size} < dim {self.dim}"
-        assert self.columns_per_group >= self.dim, "columns_per_group must be >= dim"
-        assert 2 <= self.codebook_bits <= 8, f"codebook_bits must be in [2, 8], got {self.codebook_bits}"
-        assert self.kmeans_iters >= 0 and self.refine_iters >= 0, "iteration counts must be >= 0"
-        assert self.blocksize >= self.dim, f"blocksize {self.blocksize} < dim {self.dim}"
-        assert self.damp_percent > 0, "damp_percent must be > 0"
-        assert self.assign_metric in ("block", "diag"), f"unknown assign_metric {self.assign_metric!r}"
+        if not (self.bits in SUPPORTED_BITS):
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if not (self.dim in SUPPORTED_DIMS):
+            raise ValueError(f"dim must be one of {SUPPORTED_DIMS}, got {self.dim}")
+        if not (self.bits * self.dim <= 15):
+            raise ValueError(f"codebook of 2**{self.bits * self.dim} entries is too big")
+        if not (self.group_size >= self.dim):
+            raise ValueError(f"group_size {self.group_size} < dim {self.dim}")
+        if not (self.columns_per_group >= self.dim):
+            raise ValueError("columns_per_group must be >= dim")
+        if not (2 <= self.codebook_bits <= 8):
+            raise ValueError(f"codebook_bits must be in [2, 8], got {self.codebook_bits}")
+        if not (self.kmeans_iters >= 0 and self.refine_iters >= 0):
+            raise ValueError("iteration counts must be >= 0")
+        if not (self.blocksize >= self.dim):
+            raise ValueError(f"blocksize {self.blocksize} < dim {self.dim}")
+        if not (self.damp_percent > 0):
+            raise ValueError("damp_percent must be > 0")
+        if self.assign_metric not in ("block", "diag"):
+            raise ValueError(f"unknown assign_metric {self.assign_metric!r}; use 'block' or 'diag'")
 
     @property
     def k(self) -> int:
@@ -182,10 +193,6 @@ class VQResult:
     # the same interface as the scalar solvers' ScalarQuant, so recipes treat both alike
     def dequantize(self) -> Tensor:
         return self.weight
-
-    def storage_bits(self) -> float:
-        m, n = self.layout.shape
-        return self.effective_bits(include_scales=True) * m * n
 
 
 # ----------------------------------------------------------------------------------- k-means
@@ -379,12 +386,6 @@ def _pad(W: Tensor, n_pad: int) -> Tensor:
     return torch.nn.functional.pad(W, (0, n_pad - W.shape[1]))
 
 
-def proxy_loss(W_hat: Tensor, W: Tensor, H: Tensor) -> float:
-    """Layer loss ``tr((W_hat - W) H (W_hat - W)^T)`` (fp32 product, fp64 sum)."""
-    E = (W_hat - W).to(torch.float32)
-    return float(((E @ H.to(E)) * E).sum(dtype=torch.float64))
-
-
 def _refine_codebooks(W0: Tensor, H: Tensor, Cf: Tensor, indices: Tensor, ids: Tensor, iters: int) -> Tensor:
     """Least squares on codebook entries with assignments fixed: conjugate gradient on
     ``min_C tr((W_hat(C) - W0) H (W_hat(C) - W0)^T)``, W_hat linear in C (a gather)."""
@@ -479,7 +480,7 @@ def gptvq_quantize(W: Tensor, H: Tensor, cfg: VQConfig | None = None) -> VQResul
     d, k = cfg.dim, cfg.k
     layout = VQLayout.make(m, n, cfg)
     n_pad = layout.n_pad
-    Wc, _, U = prepare(W, H, cfg.damp_percent)
+    Wc, _, _, U = prepare(W, H, cfg.damp_percent)
     dev = Wc.device
     Wc = _pad(Wc, n_pad)
     Up = torch.eye(n_pad, dtype=torch.float32, device=dev)
@@ -506,14 +507,14 @@ def gptvq_quantize(W: Tensor, H: Tensor, cfg: VQConfig | None = None) -> VQResul
     Hf[:n, :n] = H.to(device=dev, dtype=torch.float32)
     W0 = _pad(W.detach().to(device=dev, dtype=torch.float32), n_pad)
     # feedback_loss: sum of the GPTQ errors, = the loss under the damped H before refinement
-    stats = {"feedback_loss": feedback_loss, "loss_before_refine": proxy_loss(Q, W0, Hf)}
+    stats = {"feedback_loss": feedback_loss, "loss_before_refine": layer_loss(W0, Q, Hf)}
     stats["loss"] = stats["loss_before_refine"]
     if cfg.refine_iters > 0:
         ids = layout.codebook_map(device=dev)
         C_ref = _refine_codebooks(W0, Hf, Cf, codes, ids, cfg.refine_iters)
         Cq2, S2, Cf2 = quantize_codebooks(C_ref, cfg.codebook_bits)
         Q2 = Cf2.reshape(-1, d)[(ids * k + codes).reshape(-1)].reshape(m, n_pad)
-        stats["loss_after_refine"] = proxy_loss(Q2, W0, Hf)
+        stats["loss_after_refine"] = layer_loss(W0, Q2, Hf)
         if stats["loss_after_refine"] < stats["loss"]:
             Cq, S, Q = Cq2, S2, Q2
             stats["loss"] = stats["loss_after_refine"]

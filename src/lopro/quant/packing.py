@@ -31,12 +31,10 @@ __all__ = [
     "pack",
     "unpack",
     "packed_length",
-    "pack_int16_or_32",
-    "unpack_index",
+    "index_dtype",
 ]
 
 _INT16_MAX = 2**15 - 1
-_INT32_MAX = 2**31 - 1
 
 
 def _word_dtype(word_bits: int) -> torch.dtype:
@@ -184,26 +182,7 @@ def unpack(
     return _format(bits).unpack(packed, length, dtype)
 
 
-def pack_int16_or_32(perm: torch.Tensor) -> torch.Tensor:
-    """Store an index tensor (e.g. a permutation) as int16 if it fits, else int32."""
-    if not isinstance(perm, torch.Tensor):
-        raise TypeError(f"perm must be a torch.Tensor, got {type(perm).__name__}")
-    if perm.dtype.is_floating_point or perm.dtype.is_complex or perm.dtype == torch.bool:
-        raise TypeError(f"perm must have an integer dtype, got {perm.dtype}")
-    if perm.numel() == 0:
-        return perm.to(torch.int16)
-    lo, hi = int(perm.min()), int(perm.max())
-    if lo < 0:
-        raise ValueError(f"index {lo} is negative; only non-negative indices can be stored")
-    if hi <= _INT16_MAX:
-        return perm.to(torch.int16)
-    if hi <= _INT32_MAX:
-        return perm.to(torch.int32)
-    raise ValueError(f"index {hi} does not fit in int32")
-
-
-def unpack_index(t: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_int16_or_32`: back to an int64 (Long) tensor."""
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"index tensor must have an integer dtype, got {t.dtype}")
-    return t.to(torch.int64)
+def index_dtype(n: int) -> torch.dtype:
+    """How indices into ``n`` items (a permutation, a column -> group map) are stored: int16 when
+    they fit, else int32. The one rule; bit counts follow from it."""
+    return torch.int16 if n - 1 <= _INT16_MAX else torch.int32

@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 import torch
 
-from lopro.quant.bits import scalar_bits
 from lopro.quant.grid import Grid, dequantize, find_params, group_bounds, quantize
 
 
@@ -27,10 +26,6 @@ class ScalarQuant:
     @property
     def num_groups(self) -> int:
         return self.scale.shape[1]
-
-    def storage_bits(self) -> float:
-        m, n = self.codes.shape
-        return scalar_bits(m, n, self.bits, self.num_groups, self.sym)
 
 
 def rtn_quantize(W: torch.Tensor, bits: int, group_size: int = -1, sym: bool = False,
