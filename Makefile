@@ -6,7 +6,7 @@ PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.lopro-installed
 DEV    := $(VENV)/.lopro-dev-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,6 @@ demo: install
 
 test: $(DEV)
 	$(BIN)/python -m pytest -q
-
-bench: install
-	$(BIN)/python benchmarks/bench_foundation.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

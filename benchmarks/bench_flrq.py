@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ from lopro.data.assets import cache_dir
 from lopro.data.windows import calibration_windows, eval_windows, fingerprint, tokenize_split
 from lopro.eval.perplexity import perplexity
 from lopro import formats
+from lopro.compare import ResultStore
 from lopro.methods.rank import base_bits as default_base_bits
 from lopro.device import default_device
 from lopro.io.loading import load_model
@@ -63,8 +63,11 @@ class Bench:
         self.a = a
         self.out = Path(a.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.path = self.out / "results.json"
-        self.results = json.loads(self.path.read_text()) if self.path.exists() else {}
+        path = self.out / "results.json"
+        old = json.loads(path.read_text()) if path.exists() else {}
+        if old and "entries" not in old:  # results of the earlier {label: entry} layout, kept
+            path.write_text(json.dumps({"entries": {e["key"]: e for e in old.values()}, "failures": {}}, indent=1))
+        self.store = ResultStore(self.out)  # lopro compare's cache: one key per configuration
         self.device = torch.device(a.device) if a.device else default_device()
         model, self.tok, path = load_model(a.model, device="cpu")
         del model
@@ -76,25 +79,19 @@ class Bench:
 
     def fp(self) -> dict:
         key = json.dumps({"config": "fp", "windows": self.a.windows})
-        hit = self.results.get("fp")
-        if hit is None or hit["key"] != key:
+        hit = self.store.data["entries"].get(key)
+        if hit is None:
             model, _, _ = load_model(self.a.model, device=self.device)
             hit = {"label": "fp", "key": key,
                    "ppl": {n: perplexity(model, w, batch_size=8)["ppl"] for n, w in self.evals.items()}}
-            self._save("fp", hit)
+            self.store.put(key, hit)
         return hit
-
-    def _save(self, label: str, entry: dict) -> None:
-        self.results[label] = entry
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.results, indent=1, default=str))
-        os.replace(tmp, self.path)
 
     def run(self, label: str, cfg: QuantConfig) -> dict:
         d = {**cfg.to_dict(), "propagate": "fp"}
         key = json.dumps({"config": d, "calib": self.calib_sha, "windows": self.a.windows}, sort_keys=True)
-        hit = self.results.get(label)
-        if hit is not None and hit["key"] == key:
+        hit = self.store.data["entries"].get(key)
+        if hit is not None:
             return hit
         log.info("running %s", label)
         cfg = QuantConfig.from_dict(d)
@@ -114,7 +111,7 @@ class Bench:
                  "mean_rel_output_error": sum(r["rel_output_error"] for r in report.layers) / len(layers),
                  "ppl": {n: perplexity(model, w, batch_size=8)["ppl"] for n, w in self.evals.items()},
                  "layers": layers, "device": str(self.device)}
-        self._save(label, entry)
+        self.store.put(key, entry)
         log.info("%s: bits %.3f ppl %s (%.0f s)", label, entry["effective_bits"], entry["ppl"], seconds)
         return entry
 
