@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -74,6 +75,34 @@ def _rank_arg(v: str):
     return v if v == "auto" else int(v)
 
 
+def _at_least(lo: int):
+    """An argparse type: an integer >= lo, refused by argparse (exit 2, one line) otherwise."""
+    def parse(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {v!r}") from None
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {n}")
+        return n
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def _device_arg(v: str) -> str:
+    from lopro.device import resolve_device
+
+    try:
+        resolve_device(v)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return v
+
+
+class PartialFailure(RuntimeError):
+    """Some of the work failed; what succeeded was written (exit code 1)."""
+
+
 def config_from_args(a):
     from lopro.config import QuantConfig
     from lopro.methods import get_method
@@ -103,11 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", required=True, help="built-in name (smollm2-135m) or a local model folder")
     _add_quant_args(q)
     q.add_argument("--calib-data", default="wiki", help="wiki, news, or a .txt/.jsonl path")
-    q.add_argument("--nsamples", type=int, default=128)
-    q.add_argument("--seqlen", type=int, default=512)
-    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--nsamples", type=_at_least(1), default=128)
+    q.add_argument("--seqlen", type=_at_least(2), default=512)
+    q.add_argument("--batch-size", type=_at_least(1), default=8)
     q.add_argument("--stats-cache", default=None, help="folder to reuse fp statistics (with --propagate fp)")
-    q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    q.add_argument("--device", type=_device_arg, default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     q.add_argument("--out", required=True)
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     q.add_argument("--resume", action="store_true",
@@ -124,11 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of a model on a corpus")
     e.add_argument("--model", required=True)
     e.add_argument("--data", default="wiki", help="wiki, news, or a .txt/.jsonl path")
-    e.add_argument("--seqlen", type=int, default=512)
-    e.add_argument("--windows", type=int, default=None, help="number of windows (default: all)")
+    e.add_argument("--seqlen", type=_at_least(2), default=512)
+    e.add_argument("--windows", type=_at_least(1), default=None, help="number of windows (default: all)")
     e.add_argument("--bos", action="store_true", help="put BOS first in each window")
-    e.add_argument("--batch-size", type=int, default=4)
-    e.add_argument("--device", default=None)
+    e.add_argument("--batch-size", type=_at_least(1), default=4)
+    e.add_argument("--device", type=_device_arg, default=None)
     _add_backend_arg(e)
     e.add_argument("--json", action="store_true")
 
@@ -146,27 +175,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", type=int, default=100,
                    help="examples per task, a seeded subset (0 = the whole task; 100 keeps a grid to minutes on CPU)")
     c.add_argument("--calib-data", default="wiki")
-    c.add_argument("--nsamples", type=int, default=128)
-    c.add_argument("--seqlen", type=int, default=512)
-    c.add_argument("--windows", type=int, default=32, help="evaluation windows per corpus (0 = the whole split)")
+    c.add_argument("--nsamples", type=_at_least(1), default=128)
+    c.add_argument("--seqlen", type=_at_least(2), default=512)
+    c.add_argument("--windows", type=_at_least(0), default=32, help="evaluation windows per corpus (0 = the whole split)")
     c.add_argument("--propagate", choices=["fp", "quantized"], default="quantized",
                    help="fp: share the fp model's statistics across all entries (fast); quantized: GPTQ-style")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--device", default=None)
+    c.add_argument("--device", type=_device_arg, default=None)
     c.add_argument("--out", default="compare-results")
 
     g = sub.add_parser("generate", help="greedy generation from a model or packed checkpoint")
     g.add_argument("--model", required=True)
     g.add_argument("--prompt", required=True, action="append", help="repeatable")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=_at_least(1), default=64)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    g.add_argument("--device", default=None)
+    g.add_argument("--device", type=_device_arg, default=None)
     _add_backend_arg(g)
     g.add_argument("--json", action="store_true")
 
     i = sub.add_parser("info", help="config, effective bits and size of a packed checkpoint")
     i.add_argument("folder")
-    i.add_argument("--verify", action="store_true", help="also check every tensor against the config")
+    i.add_argument("--verify", action="store_true",
+                   help="also check every file's SHA-256 and every scale and factor for NaN/inf")
     _add_backend_arg(i)
     i.add_argument("--json", action="store_true")
 
@@ -259,7 +289,7 @@ def cmd_info(a) -> dict:
     info["backend"] = plan_specs(read_quantization_config(a.folder)["modules"], a.backend,
                                  device=default_device())
     if a.verify:
-        verify_folder(a.folder)
+        verify_folder(a.folder, data=True)
         info["verified"] = True
     return info
 
@@ -311,9 +341,19 @@ def _grid_from_args(a):
 def cmd_compare(a) -> dict:
     from lopro.compare import markdown_table, run_grid
 
+    from lopro.compare import FP, ResultStore, label_of
+
     grid = _grid_from_args(a)
     results = run_grid(grid, a.out, propagate=a.propagate)
     sys.stdout.write(markdown_table(results, grid))
+    done = {r["label"] for r in results}
+    wanted = [label_of({"method": FP} if c == FP else {**c.to_dict(), "propagate": a.propagate})
+              for c in grid.configs]
+    failed = [w for w in wanted if w not in done]
+    if failed:
+        errors = {f["label"]: f["error"] for f in ResultStore(Path(a.out)).data["failures"].values()}
+        raise PartialFailure(f"{len(failed)} of {len(wanted)} entries failed (the others are in {a.out}): "
+                             + "; ".join(f"{w}: {errors.get(w, 'no result')}" for w in failed))
     return {"out": a.out, "entries": len(results)}
 
 
@@ -369,9 +409,23 @@ def main(argv=None) -> int:
         out = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare,
                "demo": cmd_demo, "generate": cmd_generate, "info": cmd_info,
                "export": cmd_export}[args.command](args)
-    except (ValueError, OSError, RuntimeError) as exc:
+    except PartialFailure as exc:
         log.error("%s", exc)
+        return 1
+    except (ValueError, OSError, RuntimeError, KeyError) as exc:  # expected: bad input, I/O, numerics
+        log.error("%s", exc)
+        if args.verbose:
+            log.exception("traceback")
         return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; an unfinished quantization continues with the same command and --resume")
+        return 130
+    except Exception as exc:  # a bug: one line, the traceback with -v
+        log.error("internal error %s: %s. Rerun with -v for the traceback and report it with the command line "
+                  "at the lopro issue tracker", type(exc).__name__, exc)
+        if args.verbose:
+            log.exception("traceback")
+        return 3
     if getattr(args, "json", False):
         sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
     elif args.command == "eval":

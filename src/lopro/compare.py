@@ -14,10 +14,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from lopro._version import __version__
+from lopro.device import resolve_device
 from lopro.io.atomic import atomic_write
 from lopro.config import QuantConfig
 from lopro.data.assets import cache_dir
@@ -124,6 +124,10 @@ def run_grid(grid: Grid, out_dir: str | Path, propagate: str = "fp", progress: b
              table_name: str = "results") -> list[dict]:
     """Evaluate every configuration of `grid`; returns the entries in grid order."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir())
+                                                       and not (out_dir / "results.json").exists())):
+        raise FileExistsError(f"--out {out_dir} exists and is not a lopro compare folder (no results.json); "
+                              "choose another --out: compare adds its entries to a folder it made")
     store = ResultStore(out_dir)
     tok, path = load_tokenizer(grid.model)
     calib = calibration_windows(tokenize_split(tok, grid.calib_data, "calib"), grid.nsamples, grid.seqlen, grid.seed)
@@ -158,8 +162,7 @@ def run_grid(grid: Grid, out_dir: str | Path, propagate: str = "fp", progress: b
 def _run_one(grid: Grid, d: dict, label: str, calib, evals, stats_dir, tok) -> dict:
     from lopro.eval.perplexity import perplexity
 
-    device = torch.device(grid.device) if grid.device else (
-        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    device = resolve_device(grid.device)
     model, _, _ = load_model(grid.model, device=device)
     entry = {"label": label, "config": d, "model": grid.model}
     if d["method"] == FP:

@@ -5,13 +5,12 @@ import logging
 import tempfile
 from pathlib import Path
 
-import torch
 
 from lopro.config import QuantConfig
 from lopro.data.corpora import load_corpus
 from lopro.io.atomic import check_out_folder
 from lopro.data.windows import calibration_windows, eval_windows, tokenize_split
-from lopro.device import default_device
+from lopro.device import resolve_device
 from lopro.io.loading import load_model, load_tokenizer, resolve_model_path
 from lopro.pipeline.run import quantize, validate
 
@@ -42,7 +41,7 @@ def quantize_to_folder(model_name: str, cfg: QuantConfig, out, *, calib_data="wi
     calib = None
     if get_method(cfg.method).needs_calibration:  # RTN and other weight-only methods run no calibration forward
         calib = calibration_windows(tokenize_split(tok, calib_data, "calib"), nsamples, seqlen, cfg.seed)
-    dev = torch.device(device) if device else default_device()
+    dev = resolve_device(device)
     run_settings = {"calib_data": str(calib_data), "nsamples": nsamples, "seqlen": seqlen, "batch_size": batch_size,
                     "packed": packed, "fp_dtype": fp_dtype, "device": dev.type, "propagate": cfg.propagate}
     fp = {"model": model_fingerprint(lazy), "calibration_sha256": fingerprint(calib) if calib is not None else None,
@@ -107,6 +106,6 @@ def _streamed_ppl(lazy, windows, batch_size, device) -> dict:
     from lopro.io.stream import choose_offload
 
     offload = choose_offload("auto", *windows.shape, lazy.model.config.hidden_size)
-    dev = torch.device(device) if device else default_device()
+    dev = resolve_device(device)
     with tempfile.TemporaryDirectory(prefix="lopro-eval-") as tmp:
         return perplexity_streamed(lazy, windows, batch_size, dev, offload=offload, folder=tmp)

@@ -80,18 +80,38 @@ def _news_documents() -> list[str]:
     return [ln.strip() for ln in lines if ln.strip()]
 
 
+MIN_TEXT_SHARE = 0.9  # of characters that decode as UTF-8 and are printable or whitespace
+
+
+def check_text(text: str, path: Path) -> None:
+    """Refuse a file that is mostly not text (binary bytes decoded with replacements, control codes)."""
+    sample = text[:1_000_000]
+    if not sample:
+        raise ValueError(f"{path} is empty; calibration needs text")
+    good = sum(1 for ch in sample if (ch.isprintable() or ch.isspace()) and ch != "\ufffd")
+    if good / len(sample) < MIN_TEXT_SHARE:
+        raise ValueError(f"{path} is not text: only {100 * good / len(sample):.0f}% of its characters are printable "
+                         f"UTF-8 (at least {100 * MIN_TEXT_SHARE:.0f}% needed); give a .txt or .jsonl file of text")
+
+
 def _file_documents(path: Path) -> list[str]:
     if path.suffix == ".jsonl":
         docs = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines()):
             if not line.strip():
                 continue
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{i + 1}: not a JSON object ({exc.msg}); each .jsonl line must be "
+                                 "an object with a 'text' field") from None
             if not isinstance(rec, dict) or "text" not in rec:
                 raise ValueError(f"{path}:{i + 1}: each .jsonl line must be an object with a 'text' field")
             docs.append(str(rec["text"]))
+        check_text("\n".join(docs), path)
         return docs
     text = path.read_text(encoding="utf-8", errors="replace")
+    check_text(text, path)
     return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
 
 

@@ -46,8 +46,97 @@ def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove temporary siblings of `out` (``.NAME.tmp-PID-*``, ``.NAME.old-PID``) whose process is dead."""
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, rest = p.name[len(out.name) + 2:].partition("-")
+        pid = rest.split("-")[0]
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def is_lopro_output(folder: Path) -> bool:
+    """A folder lopro wrote: a checkpoint (fake-quantized ones carry report.json), an export, a compare cache."""
+    import json
+
+    for name, key in (("config.json", "quantization_config"), ("report.json", "summary"),
+                      ("export.json", None), ("results.json", "entries")):
+        path = folder / name
+        if path.is_file():
+            try:
+                body = json.loads(path.read_text())
+            except (ValueError, OSError):
+                continue
+            if key is None or (isinstance(body, dict) and key in body and
+                               (key != "quantization_config" or body[key].get("quant_method") == "lopro")):
+                return True
+    return False
+
+
+_SEEN: dict[Path, frozenset] = {}  # output folder -> the names it held when its run was checked
+
+
+def check_out_folder(out: str | Path, overwrite: bool) -> Path:
+    """Refuse an output folder that cannot or must not be written, before any work is done.
+
+    Refused: a file, the current folder or one above it, a non-empty folder without `overwrite`, with
+    `overwrite` anything lopro did not write (named), a parent that cannot be written. Stale temporary
+    folders of dead runs beside it are removed. What `out` holds now is remembered, so that publishing
+    refuses to delete anything that appears in it during the run.
+    """
+    out = Path(out)
+    here = Path.cwd().resolve()
+    target = out.resolve()
+    if target == here or target in here.parents:
+        raise FileExistsError(f"--out {out} is the current folder or one above it; choose a new folder")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a folder; choose another --out (--overwrite replaces only "
+                              "folders lopro wrote)")
+    names = frozenset(p.name for p in out.iterdir()) if out.is_dir() else frozenset()
+    if names and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    if names and not is_lopro_output(out):
+        shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
+        raise FileExistsError(f"--overwrite replaces only folders lopro wrote, and {out} holds other files "
+                              f"({shown}); move them away or choose another --out")
+    anchor = target.parent
+    while not anchor.exists():
+        anchor = anchor.parent
+    if not anchor.is_dir() or not os.access(anchor, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot create {out}: {anchor} is not a writable folder; choose another --out")
+    _clean_stale(out)
+    _SEEN[target] = names
+    return out
+
+
+def check_unchanged(out: Path) -> None:
+    """Before replacing `out`: nothing appeared in it since its run was checked (a second writer, a user)."""
+    before = _SEEN.get(out.resolve())
+    now = frozenset(p.name for p in out.iterdir()) if out.is_dir() else frozenset()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} became a file during the run; the finished output was not moved there")
+    new = sorted(now - (before or frozenset()))
+    if new or (before is None and now and not is_lopro_output(out)):
+        raise FileExistsError(f"{out} changed during the run ({', '.join(new[:5]) or 'foreign files'} appeared): "
+                              "nothing was replaced; the finished output was not published")
+
+
 def publish(tmp: Path, out: Path) -> None:
-    """Move the finished folder `tmp` to `out`, replacing what `out` holds (the caller checked it may)."""
+    """Move the finished folder `tmp` to `out`, replacing what `out` holds (checked at the start of the run
+    by check_out_folder, and again here: nothing that appeared since is deleted)."""
+    check_unchanged(out)
     old = None
     try:
         if out.exists():
@@ -60,20 +149,18 @@ def publish(tmp: Path, out: Path) -> None:
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
-def check_out_folder(out: str | Path, overwrite: bool) -> Path:
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
-    return out
-
-
 def write_folder_atomically(out: Path, write) -> None:
     """Build the folder under a temporary name, then swap it in: never a half-written folder."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         write(tmp)
-        publish(tmp, out)
+        try:
+            publish(tmp, out)
+        except FileExistsError as exc:  # something appeared at `out`: keep the finished work beside it
+            kept = out.with_name(f".{out.name}.kept-{os.getpid()}")
+            os.replace(tmp, kept)
+            raise FileExistsError(f"{exc}; it is kept in {kept}") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -29,8 +29,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from lopro.device import default_device
-from lopro.io.atomic import check_out_folder, write_folder_atomically
+from lopro.device import resolve_device
+from lopro.io.atomic import check_out_folder, sha256_file, write_folder_atomically
 from lopro.nn.qlinear import QuantLinear, buffer_specs
 from lopro.model.surgery import install_quant_linears, quant_linear_specs, set_compute_dtype
 from lopro.formats import effective_bits
@@ -106,6 +106,33 @@ def read_quantization_config(folder: str | Path) -> dict | None:
     """The lopro ``quantization_config`` of a folder, or None when it is not a lopro checkpoint."""
     qc = read_config(folder).get("quantization_config")
     return qc if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD else None
+
+
+PACKED_SUFFIXES = (".qweight", ".vq_indices", ".lr_U")
+
+
+def refuse_unlabelled_packed(folder: str | Path, found: dict[str, dict]) -> None:
+    """Packed tensors without a lopro ``quantization_config`` would load as random fp weights: refuse."""
+    packed = sorted(n for n in found if n.endswith(PACKED_SUFFIXES))
+    if packed:
+        raise CheckpointError(f"{folder} holds packed tensors ({packed[0]}, ... {len(packed)} in all) but its "
+                              "config.json has no lopro quantization_config: the checkpoint is damaged or was "
+                              "written by another tool, and cannot be loaded as a model; re-quantize the fp model")
+
+
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
+                 "mpnet", "t5", "bart", "mbart", "whisper")
+
+
+def check_causal_lm(folder: str | Path, config) -> None:
+    """A decoder-only causal LM, or a clear refusal (an encoder loads as a "causal" LM through the auto class)."""
+    archs = list(getattr(config, "architectures", None) or [])
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    mt = getattr(config, "model_type", "?")
+    if getattr(config, "is_encoder_decoder", False) or (archs and not causal) or (not archs and mt in ENCODER_TYPES):
+        raise CheckpointError(f"{folder} is a {mt} model ({', '.join(archs) or 'no architectures listed'}), not a "
+                              "decoder-only causal language model; lopro quantizes and evaluates decoder-only LMs "
+                              "(Llama, Mistral, Qwen, Mixtral, SmolLM, ...)")
 
 
 def is_lopro_checkpoint(folder: str | Path) -> bool:
@@ -223,7 +250,8 @@ def write_metadata(folder: Path, model: nn.Module, qc: dict | None, fp_sizes: di
                    tokenizer=None, tokenizer_from: str | Path | None = None, report=None) -> None:
     """config.json (with `qc` as its quantization_config), generation config, tokenizer, report.json."""
     cfg = model.config.to_dict()
-    if qc is not None:
+    if qc is not None:  # the data files are written first: their SHA-256 goes into the config
+        qc = {**qc, "files": {p.name: sha256_file(p) for p in sorted(folder.glob("*.safetensors"))}}
         cfg["quantization_config"] = qc
     if fp_sizes:  # the dtype most unquantized weights are stored in
         cfg["dtype"] = str(max(fp_sizes, key=fp_sizes.get)).removeprefix("torch.")
@@ -345,7 +373,7 @@ def expected_tensors(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch
     return out
 
 
-def verify(found: dict[str, dict], expected: dict[str, tuple]) -> None:
+def verify_tensors(found: dict[str, dict], expected: dict[str, tuple]) -> None:
     """Every expected tensor is stored with its shape and dtype, and nothing unexpected is stored."""
     for name, (shape, dtype) in expected.items():
         info = found.get(name)
@@ -364,12 +392,69 @@ def verify(found: dict[str, dict], expected: dict[str, tuple]) -> None:
                               f"({len(extra)} unexpected tensors)")
 
 
-def verify_folder(folder: str | Path) -> dict[str, dict]:
-    """Check a packed checkpoint against its config without loading any weight; returns the scan."""
+def verify_folder(folder: str | Path, data: bool = False) -> dict[str, dict]:
+    """Check a packed checkpoint against its config; returns the scan.
+
+    Always: every tensor's name, shape and dtype against the module specs, and the config's top-level
+    fields against the specs. With `data`: every data file's SHA-256 against the one recorded at save,
+    and every scale, codebook scale, low-rank factor and alpha finite (the bad tensor is named).
+    """
+    folder = Path(folder)
     model = build_skeleton(folder)
     found = scan_checkpoint(folder)
-    verify(found, expected_tensors(model))
+    verify_tensors(found, expected_tensors(model))
+    qc = read_quantization_config(folder)
+    check_config_against_specs(qc)
+    if data:
+        recorded = qc.get("files")
+        if recorded is None:
+            log.warning("%s records no file checksums (written by lopro < 0.2?): only finiteness is checked", folder)
+        else:
+            for fname in sorted({i["file"] for i in found.values()} | set(recorded)):
+                if fname not in recorded:
+                    raise CheckpointError(f"{fname} is not one of the files recorded at save")
+                path = folder / fname
+                if not path.exists():
+                    raise CheckpointError(f"{fname} recorded at save is missing")
+                if sha256_file(path) != recorded[fname]:
+                    raise CheckpointError(f"{fname} changed since it was saved (SHA-256 mismatch): the file is "
+                                          "corrupt; re-download or re-quantize")
+        check_finite_parts(folder, found, qc["modules"])
     return found
+
+
+FLOAT_PARTS = ("scales", "vq_scale", "lr_U", "lr_S", "lr_V", "alpha", "bias")
+
+
+def check_finite_parts(folder: Path, found: dict[str, dict], modules: dict) -> None:
+    from safetensors import safe_open
+
+    by_file: dict[str, list[str]] = {}
+    for name, info in found.items():
+        owner, _, part = name.rpartition(".")
+        if owner in modules and part in FLOAT_PARTS:
+            by_file.setdefault(info["file"], []).append(name)
+    for fname, names in sorted(by_file.items()):
+        with safe_open(str(folder / fname), framework="pt") as f:
+            for name in sorted(names):
+                t = f.get_tensor(name)
+                if not torch.isfinite(t.float()).all():
+                    raise CheckpointError(f"tensor {name} in {fname} holds NaN or inf: the checkpoint is corrupt")
+
+
+def check_config_against_specs(qc: dict) -> None:
+    """The quantization_config's bits and group size are those of its modules (what `lopro info` shows)."""
+    for name, spec in qc["modules"].items():
+        res = spec.get("residual")
+        if res is None:
+            continue
+        if qc.get("bits") is not None and res["bits"] != qc["bits"]:
+            raise CheckpointError(f"quantization_config says bits={qc['bits']} but module {name} stores "
+                                  f"{res['bits']}-bit codes: the config was edited or is damaged")
+        gs = qc.get("group_size")
+        if res["kind"] == "scalar" and gs not in (None, -1) and res["group_size"] not in (None, gs):
+            raise CheckpointError(f"quantization_config says group_size={gs} but module {name} has groups of "
+                                  f"{res['group_size']}")
 
 
 # --------------------------------------------------------------------------- load
@@ -425,7 +510,7 @@ def _assign(model: nn.Module, name: str, t: torch.Tensor) -> None:
         mod._parameters[leaf] = nn.Parameter(t, requires_grad=False)
     elif leaf in mod._buffers:
         mod._buffers[leaf] = t
-    else:  # pragma: no cover - verify() rejects unknown names first
+    else:  # pragma: no cover - verify_tensors() rejects unknown names first
         raise CheckpointError(f"tensor {name} has no place in the model")
 
 
@@ -434,7 +519,7 @@ def default_load_dtype(device: torch.device) -> torch.dtype:
 
 
 def load(folder: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-         compute_dtype: torch.dtype | None = None, backend: str = "auto") -> nn.Module:
+         compute_dtype: torch.dtype | None = None, backend: str = "auto", verify: bool = False) -> nn.Module:
     """A ready (eval-mode) model from a packed checkpoint.
 
     device: where the model goes (default: cuda if available, else cpu). dtype: the unquantized
@@ -447,12 +532,14 @@ def load(folder: str | Path, device: str | torch.device | None = None, dtype: to
     from safetensors import safe_open
 
     folder = Path(folder)
-    device = torch.device(device) if device is not None else default_device()
+    if verify:  # checksums of the data files and finite scales and factors, before anything is loaded
+        verify_folder(folder, data=True)
+    device = resolve_device(device)
     dtype = dtype or default_load_dtype(device)
     model = build_skeleton(folder, dtype=dtype, compute_dtype=compute_dtype)
     found = scan_checkpoint(folder)
     expected = expected_tensors(model)
-    verify(found, expected)
+    verify_tensors(found, expected)
     qmods = {name for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     for fname in sorted({info["file"] for info in found.values()}):
         dev = str(device) if device.type != "cpu" else "cpu"

@@ -70,6 +70,13 @@ def _classes():
                     if leaf != "bias" and t.dtype != dtype:
                         mod._buffers[leaf] = t.to(dtype)  # exact: the values were stored in this dtype
                 mod.check_tensors()
+            from pathlib import Path
+
+            from lopro.io.checkpoint import expected_tensors, scan_checkpoint, verify_tensors
+
+            folder = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+            if folder and Path(folder).is_dir():  # missing, extra or renamed tensors: refused, not warned
+                verify_tensors(scan_checkpoint(folder), expected_tensors(model))
             return model
 
         def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:

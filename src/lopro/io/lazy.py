@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lopro.io.checkpoint import CheckpointError, params_on_meta, read_quantization_config, scan_checkpoint
+from lopro.io.checkpoint import (CheckpointError, check_causal_lm, params_on_meta, read_quantization_config,
+                                 refuse_unlabelled_packed, scan_checkpoint)
 from lopro.model.walk import UnsupportedModelError, check_finite, find_blocks
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,9 @@ class LazyModel:
         if getattr(config, "quantization_config", None):
             raise CheckpointError(f"{self.folder} is already quantized "
                                   f"({config.quantization_config.get('quant_method', '?')}); use the fp model")
+        check_causal_lm(self.folder, config)
         self.found = scan_checkpoint(self.folder)  # headers only; raises on truncated or missing shards
+        refuse_unlabelled_packed(self.folder, self.found)
         with params_on_meta():
             try:
                 self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)

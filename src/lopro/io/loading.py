@@ -47,6 +47,12 @@ def load_model(name_or_dir: str, dtype: torch.dtype = torch.float32, device=None
     if is_lopro_checkpoint(path):  # packed checkpoint: verified, loaded layer by layer
         model = load(path, device=device or default_device(), dtype=dtype)
         return model, tokenizer, path
+    from transformers import AutoConfig
+
+    from lopro.io.checkpoint import check_causal_lm, refuse_unlabelled_packed, scan_checkpoint
+
+    check_causal_lm(path, AutoConfig.from_pretrained(path))
+    refuse_unlabelled_packed(path, scan_checkpoint(path))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.eval()
     model.to(device or default_device())

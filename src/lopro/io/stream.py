@@ -37,7 +37,7 @@ from lopro.io.checkpoint import (DEFAULT_SHARD_BYTES, WEIGHTS_NAME, build_quanti
                                 tensors_to_save, write_index, write_metadata, write_tensors)
 from lopro.pipeline.run import BlockIO, capture_activations
 from lopro.model.surgery import quant_linear_specs
-from lopro.io.atomic import atomic_write, publish, sha256_file
+from lopro.io.atomic import atomic_write, check_unchanged, publish, sha256_file
 from lopro.io.lazy import LazyModel
 
 log = logging.getLogger(__name__)
@@ -340,6 +340,11 @@ class StreamedRun(BlockIO):
         m = self.manifest
         if len(m["blocks"]) != self.n:
             raise RuntimeError(f"only {len(m['blocks'])} of {self.n} blocks are finished in {self.work}")
+        try:
+            check_unchanged(self.out)  # before the manifest goes: the run stays resumable if this refuses
+        except FileExistsError as exc:
+            raise FileExistsError(f"{exc}; every block is kept in {self.work}: move the new files away and "
+                                  "rerun the command with --resume") from None
         recs = m["blocks"] + m["outside"]
         weight_map = {name: rec["file"] for rec in recs for name in rec["tensors"]}
         total = sum(b for rec in recs for b in rec["tensors"].values())
