@@ -28,11 +28,18 @@ def quantize_to_folder(model_name: str, cfg: QuantConfig, out, *, calib_data="wi
     from lopro._version import __version__
     from lopro.data.windows import fingerprint
     from lopro.io.lazy import LazyModel
-    from lopro.io.stream import StreamedRun, choose_offload, estimate_output_bytes, model_fingerprint
+    from lopro.io.stream import StreamedReader, StreamedRun, choose_offload, estimate_output_bytes, model_fingerprint
     from lopro.methods import get_method
     from lopro.pipeline.activations import estimate_bytes
+    from lopro.pipeline.distributed import Dist
 
-    out = check_out_folder(out, overwrite)
+    dev = resolve_device(device)
+    dist = Dist.from_env(dev)  # torchrun: one share of the windows and of the solves per process
+    if dist.enabled:
+        dev = dist.device
+        if resume:
+            raise ValueError("--resume is not supported under torchrun yet: resume the run in one process")
+    out = check_out_folder(out, overwrite) if dist.is_writer else Path(out)
     path = resolve_model_path(model_name)  # fail fast on a bad name or corpus before loading anything
     load_corpus(calib_data)
     lazy = LazyModel(path)
@@ -41,17 +48,20 @@ def quantize_to_folder(model_name: str, cfg: QuantConfig, out, *, calib_data="wi
     calib = None
     if get_method(cfg.method).needs_calibration:  # RTN and other weight-only methods run no calibration forward
         calib = calibration_windows(tokenize_split(tok, calib_data, "calib"), nsamples, seqlen, cfg.seed)
-    dev = resolve_device(device)
     run_settings = {"calib_data": str(calib_data), "nsamples": nsamples, "seqlen": seqlen, "batch_size": batch_size,
-                    "packed": packed, "fp_dtype": fp_dtype, "device": dev.type, "propagate": cfg.propagate}
+                    "packed": packed, "fp_dtype": fp_dtype, "device": dev.type, "propagate": cfg.propagate,
+                    "processes": dist.world}
     fp = {"model": model_fingerprint(lazy), "calibration_sha256": fingerprint(calib) if calib is not None else None,
           "quant_config": cfg.to_dict(), "run": run_settings, "lopro_version": __version__}
     extra = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
     hidden = lazy.model.config.hidden_size
     act = estimate_bytes(nsamples, seqlen, hidden) if calib is not None else 0
     need = estimate_output_bytes(lazy, cfg.bits if packed else 32, cfg.group_size, cfg.rank if packed else 0, act)
-    run = StreamedRun(lazy, out, fp, packed=packed, fp_dtype=fp_dtype, resume=resume, overwrite=overwrite,
-                      offload=choose_offload(offload, nsamples, seqlen, hidden), need_bytes=need, **extra)
+    if dist.is_writer:
+        run = StreamedRun(lazy, out, fp, packed=packed, fp_dtype=fp_dtype, resume=resume, overwrite=overwrite,
+                          offload=choose_offload(offload, nsamples, seqlen, hidden), need_bytes=need, **extra)
+    else:
+        run = StreamedReader(lazy)
     try:
         on_layer = None
         if packed:
@@ -59,13 +69,17 @@ def quantize_to_folder(model_name: str, cfg: QuantConfig, out, *, calib_data="wi
 
             on_layer = packer(lazy.model)
         _, report = quantize(lazy.model, cfg, calib, batch_size=batch_size, device=dev, stats_cache=stats_cache,
-                             on_layer=on_layer, io=run)
+                             on_layer=on_layer, io=run, dist=dist)
         report.summary["model"] = model_name
         report.summary["calib_data"] = calib_data
         report.summary["packed"] = packed
-        run.finalize(report, tokenizer=tok)
+        if dist.is_writer:
+            run.finalize(report, tokenizer=tok)
+        dist.barrier()  # every rank returns once the folder is published
     finally:
-        run.close()  # the folder's lock; what was finished stays for --resume
+        if dist.is_writer:
+            run.close()  # the folder's lock; what was finished stays for --resume
+        dist.close()
     return report.summary
 
 

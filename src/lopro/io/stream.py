@@ -380,3 +380,27 @@ class StreamedRun(BlockIO):
         if getattr(self, "_lock", None) is not None and not self._lock.closed:
             self._lock.close()
 
+
+class StreamedReader(BlockIO):
+    """A rank other than 0 under torchrun: it reads the same blocks as rank 0 and writes nothing."""
+
+    def __init__(self, lazy: LazyModel):
+        self.lazy = lazy
+        self.outside = lazy.outside_blocks()
+        self.bytes_read = 0
+
+    def capture(self, model, first_block, batches) -> Activations:
+        tensors = self.lazy.read(self.outside)
+        self.bytes_read += sum(t.numel() * t.element_size() for t in tensors.values())
+        self.lazy.assign({k: t.to(self.lazy.dtype) if t.is_floating_point() else t for k, t in tensors.items()})
+        del tensors
+        acts = capture_activations(model, first_block, batches)
+        self.lazy.release_names(self.outside)
+        return acts
+
+    def load_block(self, i, block) -> None:
+        self.bytes_read += self.lazy.load(self.lazy.block_prefix(i))
+
+    def finish_block(self, i, block, rows, next_inputs, profile) -> None:
+        self.lazy.release(block)
+

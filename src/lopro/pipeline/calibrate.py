@@ -88,6 +88,20 @@ class StatsCollector:
             out.setdefault(self.alias[name], []).append(name)
         return list(out.values())
 
+    def reduce(self, dist) -> None:
+        """Sum the statistics of every rank (lopro.pipeline.distributed); layers some rank never saw get
+        this rank's empty accumulator first, so that every rank ends with the same keys."""
+        if not dist.enabled:
+            return
+        for alias, order in dist.gather_objects((dict(self.alias), list(self.order))):
+            for name in order:
+                if name not in self.alias:
+                    self.alias[name] = alias[name]
+                    self.order.append(name)
+        any_acc = next(iter(self.acc.values()), None)
+        device = any_acc.xtx.device if any_acc is not None else dist.device
+        dist.reduce_accumulators(self.acc, lambda key: _Accumulator(self.linears[key].in_features, self.dtype, device))
+
     def finish(self) -> dict[str, LayerStats]:
         done = {key: acc.finish() for key, acc in self.acc.items()}
         return {name: done[key] for name, key in self.alias.items()}

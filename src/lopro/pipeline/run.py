@@ -20,6 +20,7 @@ from lopro.methods import get_method
 from lopro.methods.base import LayerResult, LayerStats
 from lopro.pipeline.activations import Activations
 from lopro.pipeline.calibrate import StatsCollector
+from lopro.pipeline.distributed import Dist
 from lopro.pipeline.memory import PeakMemory
 from lopro.model.moe import (expert_stages, fallback_stats, find_fused_experts, refuse_experts, starved_experts,
                              unfuse_experts)
@@ -87,7 +88,7 @@ def capture_activations(model, first_block, batches) -> Activations:
 
 def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, batch_size: int = 8,
              device=None, on_layer=None, stats_cache: str | Path | None = None,
-             progress: bool = True, io: BlockIO | None = None, pack: bool = False
+             progress: bool = True, io: BlockIO | None = None, pack: bool = False, dist: Dist | None = None
              ) -> tuple[torch.nn.Module, QuantReport]:
     """Quantize `model` in place with `config.method`; returns (model, report).
 
@@ -97,8 +98,15 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
     packed QuantLinear (what `lopro.save` writes).
     stats_cache: with propagate="fp", a folder where the fp model's statistics are reused across runs.
     io: where blocks are read from and written to (default: all in memory, see BlockIO).
+    dist: the process group under torchrun (lopro.pipeline.distributed); `calibration` is then the whole
+    set of windows, of which this rank takes its share.
     """
     io = io or BlockIO()
+    dist = dist or Dist()
+    if dist.enabled and stats_cache:
+        raise ValueError("--stats-cache is not supported under torchrun: run the statistics once in one process")
+    full_calibration, calibration = calibration, dist.shard(calibration)
+    progress = progress and dist.is_writer
     validate(model, config)
     spec = get_method(config.method)
     method = spec.fn
@@ -146,15 +154,14 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
                 stats, groups = cache.load(i)
             else:
                 stats, groups, inputs = _calibrate_block(block, linears, inputs, device, config, method, on_layer, i,
-                                                         report, io)
+                                                         report, io, dist)
                 if cache:
                     cache.save(i, stats, groups, last=i == len(blocks) - 1)
             groups = expert_stages(groups, linears)  # adds layers no calibration token reached
             starved = _starved(linears, stats, config) if calibration is not None else {}
             done = {r["name"] for r in report.layers if r["block"] == i}  # true-sequential quantizes while calibrating
-            for name in (n for group in groups for n in group if n not in done):
-                _quantize_layer(i, name, linears[name], stats.get(name), config, method, on_layer, report,
-                                starved.get(name))
+            _quantize_layers(i, [n for group in groups for n in group if n not in done], linears, stats, config,
+                             method, on_layer, report, starved, dist)
             t2 = time.perf_counter()
             if inputs is not None and config.propagate == "quantized":
                 inputs = _forward(block, inputs, device, io.next_activations(i, inputs))
@@ -168,11 +175,13 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
             io.finish_block(i, block, rows, inputs, profile)
             report.blocks.append(profile)
             bar.set_postfix(bits=f"{_mean_bits(report):.3f}")
-    report.summary = _summarise(report, time.perf_counter() - t_start, device, calibration, mem)
+    report.summary = _summarise(report, time.perf_counter() - t_start, device, full_calibration, mem)
+    report.summary["processes"] = dist.world
+    report.summary["communication_seconds"] = dist.comm_seconds
     return model, report
 
 
-def _calibrate_block(block, linears, inputs, device, config, method, on_layer, i, report, io):
+def _calibrate_block(block, linears, inputs, device, config, method, on_layer, i, report, io, dist):
     """Statistics for every linear of one block; in true-sequential mode, quantizes group by group.
 
     Returns (stats, groups, next_inputs) where next_inputs are the fp outputs when propagate="fp"
@@ -181,27 +190,26 @@ def _calibrate_block(block, linears, inputs, device, config, method, on_layer, i
     dtype = torch.float64 if config.pipeline_options.hessian_dtype == "fp64" else torch.float32
     if config.propagate == "fp" or not config.true_sequential:
         outputs = io.next_activations(i, inputs) if config.propagate == "fp" else None
-        stats, groups, _ = _collect(block, linears, inputs, device, dtype, outputs=outputs)
-        return stats, groups, outputs if config.propagate == "fp" else inputs
+        stats, groups, _ = _collect(block, linears, inputs, device, dtype, outputs=outputs, dist=dist)
+        return stats, dist.broadcast(groups, 0), outputs if config.propagate == "fp" else inputs
     # discover call order and shared inputs on the first batch only (one stage per expert matrix)
     _, groups, _ = _collect(block, linears, inputs.head(1), device, dtype)
-    groups = expert_stages(groups, linears)
+    groups = dist.broadcast(expert_stages(groups, linears), 0)  # every rank runs rank 0's stages
     stats: dict[str, LayerStats] = {}
     for group in groups:
         members = {n: linears[n] for n in group}
-        got, _, _ = _collect(block, members, inputs, device, dtype, stop_after=group)
+        got, _, _ = _collect(block, members, inputs, device, dtype, stop_after=group, dist=dist)
         stats.update(got)
-        starved = _starved(group, stats, config)
-        for name in group:
-            _quantize_layer(i, name, linears[name], stats.get(name), config, method, on_layer, report,
-                            starved.get(name))
+        _quantize_layers(i, group, linears, stats, config, method, on_layer, report, _starved(group, stats, config),
+                         dist)
         for name in group:  # the group's Hessians are not needed again (a 7B down_proj's is 485 MB)
             if name in stats:
                 stats[name] = dataclasses.replace(stats[name], H=None)
     return stats, groups, inputs
 
 
-def _collect(block, linears, inputs, device, dtype, stop_after=None, outputs: Activations | None = None):
+def _collect(block, linears, inputs, device, dtype, stop_after=None, outputs: Activations | None = None,
+             dist: Dist | None = None):
     with torch.no_grad(), StatsCollector(linears, dtype, stop_after) as col:
         for hidden, kwargs in inputs:
             col.new_batch()
@@ -211,6 +219,8 @@ def _collect(block, linears, inputs, device, dtype, stop_after=None, outputs: Ac
                     outputs.append(block_output(out))
             except StopForward:
                 pass
+        if dist is not None:
+            col.reduce(dist)  # every rank's share of the windows summed (fp64)
     return col.finish(), col.groups(), outputs
 
 
@@ -226,8 +236,26 @@ def _starved(names, stats, config) -> dict[str, str]:
     return starved_experts(names, stats, o.min_expert_tokens_share, o.min_expert_tokens_per_input)
 
 
-def _quantize_layer(i, name, module, stats, config, method, on_layer, report, starved: str | None = None) -> None:
-    """`starved`: why this expert is quantized without its Hessian (moe.starved_experts), if it is."""
+def _quantize_layers(i, names, linears, stats, config, method, on_layer, report, starved, dist) -> None:
+    """Quantize the layers `names` of block `i` (one stage: independent of each other), record each in the
+    report and hand it to `on_layer`. Under torchrun each layer is solved by its owner rank, all of a stage
+    in parallel, and broadcast; alone, each is solved and applied in turn (one result alive at a time)."""
+    if not dist.enabled:
+        for name in names:
+            _record(i, name, linears[name], stats.get(name), config, on_layer, report,
+                    _solve(i, name, linears[name], stats.get(name), config, method, starved.get(name)), True)
+        return
+    cost = {n: float(linears[n].in_features) ** 2 * linears[n].out_features for n in names}
+    owner = dist.owners(list(names), cost)
+    mine = {n: _solve(i, n, linears[n], stats.get(n), config, method, starved.get(n))
+            for n in names if owner[n] == dist.rank}
+    for name in names:
+        solved = dist.broadcast(mine.pop(name, None), owner[name], map_location=linears[name].weight.device)
+        _record(i, name, linears[name], stats.get(name), config, on_layer, report, solved, dist.is_writer)
+
+
+def _solve(i, name, module, stats, config, method, starved: str | None = None):
+    """(result, seconds, fallback); `starved`: why this expert is quantized without its Hessian, if it is."""
     W = module.weight.detach().float()
     fallback = starved is not None or (stats is None and get_method(config.method).needs_calibration)
     if fallback:
@@ -240,7 +268,15 @@ def _quantize_layer(i, name, module, stats, config, method, on_layer, report, st
     seconds = time.perf_counter() - t0
     if not torch.isfinite(result.weight).all():
         raise FloatingPointError(f"block {i} {name}: {config.method} produced NaN/inf weights")
-    loss, rel, rows = output_error(W, result.weight, stats.H) if stats is not None else (float("nan"),) * 2 + (0,)
+    return result, seconds, fallback
+
+
+def _record(i, name, module, stats, config, on_layer, report, solved, with_loss: bool) -> None:
+    """The report's row of one quantized layer (its loss only where the report is written), then `on_layer`."""
+    result, seconds, fallback = solved
+    W = module.weight.detach().float()
+    loss, rel, rows = (output_error(W, result.weight, stats.H) if stats is not None and with_loss
+                       else (float("nan"),) * 2 + (0,))
     row = {"block": i, "name": name, "shape": list(W.shape), "effective_bits": result.effective_bits(),
            "proxy_loss": loss, "rel_output_error": rel, "loss_rows": rows, "seconds": seconds,
            "tokens": stats.tokens if stats is not None else 0, "fallback": fallback, **result.info}
