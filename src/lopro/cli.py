@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
 
     _add_export_parser(sub)
-    sub.add_parser("demo", help="LoPRo W2 beside GPTQ W2 and FP on the built-in SmolLM2 (small calibration)")
+    sub.add_parser("demo", help="LoPRo W3 beside GPTQ W3 and FP on the built-in SmolLM2 (small calibration, minutes)")
     sub.add_parser("methods", help="list the registered methods")
     return p
 
@@ -357,14 +357,23 @@ def cmd_compare(a) -> dict:
     return {"out": a.out, "entries": len(results)}
 
 
+DEMO = ["--methods", "fp,gptq,lopro", "--bits", "3", "--nsamples", "16", "--seqlen", "256", "--windows", "16",
+        "--tasks", ""]
+FULL = ("lopro compare --methods fp,rtn,gptq,lqer,flrq,lopro,lopro-v --bits 2,3 --nsamples 128 --seqlen 512 "
+        "--windows 0 --out compare-full")
+
+
 def cmd_demo(_a) -> dict:
+    """A few minutes on a 2-core CPU: W3, where GPTQ is usable and LoPRo clearly better, on a small calibration."""
     from lopro.data.assets import cache_dir
 
-    a = build_parser().parse_args(["compare", "--methods", "fp,gptq,lopro", "--bits", "2", "--nsamples", "32",
-                                   "--windows", "16", "--tasks", "", "--out", str(cache_dir() / "demo")])
-    log.warning("demo: LoPRo W2 g64 rank 16 vs GPTQ W2 g64 vs FP on smollm2-135m (32 x 512 calibration); "
-                "cached in %s", a.out)
-    return cmd_compare(a)
+    a = build_parser().parse_args(["compare", *DEMO, "--out", str(cache_dir() / "demo")])
+    log.warning("demo: LoPRo W3 g64 rank 16 vs GPTQ W3 g64 vs FP on smollm2-135m (16 x 256 calibration tokens, "
+                "16 x 512 evaluation tokens per corpus); results cached in %s", a.out)
+    out = cmd_compare(a)
+    log.warning("the full-size comparison (every method, W2 and W3, 128 x 512 calibration, whole evaluation "
+                "splits): %s", FULL)
+    return out
 
 
 def _add_export_parser(sub) -> None:

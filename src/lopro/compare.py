@@ -146,7 +146,7 @@ def run_grid(grid: Grid, out_dir: str | Path, propagate: str = "fp", progress: b
         bar.set_postfix_str(label)
         if not store.done(key):
             try:
-                store.put(key, _run_one(grid, d, label, calib, evals, stats_dir, tok))
+                store.put(key, _run_one(grid, d, label, calib, evals, stats_dir, tok, progress))
             except Exception as exc:  # keep going; the failure is summarised at the end
                 log.exception("%s failed", label)
                 store.fail(key, label, f"{type(exc).__name__}: {exc}")
@@ -159,7 +159,7 @@ def run_grid(grid: Grid, out_dir: str | Path, propagate: str = "fp", progress: b
     return results
 
 
-def _run_one(grid: Grid, d: dict, label: str, calib, evals, stats_dir, tok) -> dict:
+def _run_one(grid: Grid, d: dict, label: str, calib, evals, stats_dir, tok, progress: bool = False) -> dict:
     from lopro.eval.perplexity import perplexity
 
     device = resolve_device(grid.device)
@@ -172,7 +172,7 @@ def _run_one(grid: Grid, d: dict, label: str, calib, evals, stats_dir, tok) -> d
         t0 = time.perf_counter()
         used = calib if get_method(cfg.method).needs_calibration else None  # RTN: no forwards for statistics it ignores
         _, report = quantize(model, cfg, used, batch_size=grid.batch_size, device=device,
-                             stats_cache=stats_dir if cfg.propagate == "fp" else None, progress=False)
+                             stats_cache=stats_dir if cfg.propagate == "fp" else None, progress=progress)
         s = report.summary
         entry.update(effective_bits=s["effective_bits"], quant_seconds=time.perf_counter() - t0,
                      solve_seconds=s["solve_seconds"], peak_memory_bytes=s["peak_memory_bytes"],
