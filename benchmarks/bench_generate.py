@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -237,6 +236,16 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def hiwater_mib() -> float:
+    """This process's own peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries the parent's high-water
+    mark across fork + exec into it, so every child reported at least the benchmark process's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def rss_child(a) -> None:
     """One model in a fresh process: RSS after load, after one generation, and the peak."""
     torch.set_num_threads(a.threads)
@@ -246,7 +255,7 @@ def rss_child(a) -> None:
     ids = torch.randint(0, 49152, (1, a.prompt_tokens), generator=torch.Generator().manual_seed(0)).to(a.device)
     generate(model, ids, a.new_tokens, a.device)
     after = rss_mib()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = hiwater_mib()
     sys.stdout.write(json.dumps({"rss_base_mib": base, "rss_load_mib": loaded, "rss_gen_mib": after,
                                  "rss_peak_mib": peak}) + "\n")
 
