@@ -88,3 +88,16 @@ def test_effective_bits_match_the_paper_formula():
     W, st = problem(m=64)
     r = get_method("lopro")(W, st, cfg("lopro", sym=True))
     assert abs(r.effective_bits() - paper_bits(64, 64, 2, 16, 4, 8)) < 1e-9
+
+
+@pytest.mark.parametrize("rot", [BlockRotation(300, 44, 64), BlockRotation.full(288)])
+def test_rotated_hessian_in_slices_is_bit_identical(rot):
+    """The 7B-memory form (slices, in place) gives the bits of the whole-matrix transform."""
+    n = rot.n
+    X = torch.randn(400, n, generator=torch.Generator().manual_seed(0))
+    H = X.T @ X / 400
+    whole = rot.apply(rot.apply(H).T)
+    assert torch.equal(rotate_hessian(H, rot, rows=64), whole)
+    mine = H.clone()
+    out = rotate_hessian(mine, rot, rows=50, inplace=True)
+    assert torch.equal(out, whole) and out.data_ptr() == mine.data_ptr()

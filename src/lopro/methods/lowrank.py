@@ -23,9 +23,20 @@ def salience_permutation(H: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     return torch.argsort(importance, descending=True)
 
 
-def rotate_hessian(H: torch.Tensor, rot: BlockRotation) -> torch.Tensor:
-    """Q^T H Q for symmetric H."""
-    return rot.apply(rot.apply(H).T)
+def rotate_hessian(H: torch.Tensor, rot: BlockRotation, rows: int = 1024, inplace: bool = False) -> torch.Tensor:
+    """Q^T H Q for symmetric H, ``rot.apply(rot.apply(H).T)`` computed `rows` rows at a time.
+
+    The transform works on each row alone, so slices give the same bits as the whole matrix, and
+    with `inplace` (H is the caller's own copy) the result lives in H's buffer (returned as a
+    transposed view): no n x n temporary, where the whole-matrix butterfly needs several (a 7B
+    down_proj's are 485 MB each)."""
+    A = H if inplace else H.clone()
+    n = A.shape[0]
+    for r in range(0, n, rows):  # A = H Q, row by row
+        A[r:r + rows] = rot.apply(A[r:r + rows])
+    for c in range(0, n, rows):  # row i of Q^T H Q is rot.apply of column i of A: stored as column i
+        A[:, c:c + rows] = rot.apply(A[:, c:c + rows].T).T
+    return A.T
 
 
 def quantize_residual(R: torch.Tensor, H: torch.Tensor, cfg, solver: str):
@@ -49,21 +60,22 @@ def lowrank_residual(W, stats, cfg, solver: str = "gptq", rotation: str = "none"
     R = W - W_r
     perm = salience_permutation(H, R) if permute else None
     if perm is not None:
-        R, H = R[:, perm], H[perm][:, perm]
+        R, H = R[:, perm], H.index_select(0, perm).index_select(1, perm)
     rot = None
     if rotation == "full":
         rot = BlockRotation.full(n)
     elif rotation == "block":
         rot = BlockRotation(n, cfg.block_identity, cfg.block_hadamard)
-    if rot is not None:
-        R, H = rot.apply(R), rotate_hessian(H, rot)
+    if rot is not None:  # in place when H is already a copy of the statistics (permuted or widened)
+        R, H = rot.apply(R), rotate_hessian(H, rot, inplace=perm is not None or H is not stats.H)
     q = quantize_residual(R, H, cfg, solver)
+    del R, H
     residual = q.dequantize()
     if rot is not None:
         residual = rot.apply_transpose(residual)
     if perm is not None:
         residual = residual[:, torch.argsort(perm)]
-    return LayerResult(W_r + residual, residual=q, lowrank=lr, alpha=alpha, perm=perm, rotation=rot,
+    return LayerResult(W_r.add_(residual), residual=q, lowrank=lr, alpha=alpha, perm=perm, rotation=rot,
                        info={"rank": lr.rank})
 
 
