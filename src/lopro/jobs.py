@@ -28,7 +28,7 @@ def quantize_to_folder(model_name: str, cfg: QuantConfig, out, *, calib_data="wi
     from lopro._version import __version__
     from lopro.data.windows import fingerprint
     from lopro.io.lazy import LazyModel
-    from lopro.io.stream import StreamedReader, StreamedRun, choose_offload, estimate_output_bytes, model_fingerprint
+    from lopro.io.stream import StreamedRun, choose_offload, estimate_output_bytes, model_fingerprint
     from lopro.methods import get_method
     from lopro.pipeline.activations import estimate_bytes
     from lopro.pipeline.distributed import Dist
@@ -37,8 +37,6 @@ def quantize_to_folder(model_name: str, cfg: QuantConfig, out, *, calib_data="wi
     dist = Dist.from_env(dev)  # torchrun: one share of the windows and of the solves per process
     if dist.enabled:
         dev = dist.device
-        if resume:
-            raise ValueError("--resume is not supported under torchrun yet: resume the run in one process")
     out = check_out_folder(out, overwrite) if dist.is_writer else Path(out)
     path = resolve_model_path(model_name)  # fail fast on a bad name or corpus before loading anything
     load_corpus(calib_data)
@@ -57,11 +55,19 @@ def quantize_to_folder(model_name: str, cfg: QuantConfig, out, *, calib_data="wi
     hidden = lazy.model.config.hidden_size
     act = estimate_bytes(nsamples, seqlen, hidden) if calib is not None else 0
     need = estimate_output_bytes(lazy, cfg.bits if packed else 32, cfg.group_size, cfg.rank if packed else 0, act)
-    if dist.is_writer:
+    try:  # rank 0 prepares the folder (and may refuse) before any rank writes into it
         run = StreamedRun(lazy, out, fp, packed=packed, fp_dtype=fp_dtype, resume=resume, overwrite=overwrite,
-                          offload=choose_offload(offload, nsamples, seqlen, hidden), need_bytes=need, **extra)
-    else:
-        run = StreamedReader(lazy)
+                          offload=choose_offload(offload, nsamples, seqlen, hidden), need_bytes=need, dist=dist,
+                          **extra)
+        ok = True
+    except Exception:
+        ok = False
+        if not dist.enabled:
+            raise
+        dist.all_true(ok)
+        raise
+    if not dist.all_true(ok):
+        raise RuntimeError("rank 0 could not prepare the output folder (see its error)")
     try:
         on_layer = None
         if packed:
@@ -77,8 +83,7 @@ def quantize_to_folder(model_name: str, cfg: QuantConfig, out, *, calib_data="wi
             run.finalize(report, tokenizer=tok)
         dist.barrier()  # every rank returns once the folder is published
     finally:
-        if dist.is_writer:
-            run.close()  # the folder's lock; what was finished stays for --resume
+        run.close()  # the folder's lock; what was finished stays for --resume
         dist.close()
     return report.summary
 

@@ -28,7 +28,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, argv: list[str], result: str, die: bool) -> None:
+def _worker(rank: int, world: int, port: int, argv: list[str], result: str, die: bool, crash_after: int | None) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), LOPRO_DIST_TIMEOUT="30", OMP_NUM_THREADS="1")
     import torch
@@ -39,6 +39,18 @@ def _worker(rank: int, world: int, port: int, argv: list[str], result: str, die:
 
         Dist.from_env(torch.device("cpu"))
         os._exit(17)
+    if crash_after is not None:  # the whole job dies (SIGKILL, OOM) once this block is written
+        from lopro.io.stream import StreamedRun
+
+        finish = StreamedRun.finish_block
+
+        def finish_then_die(self, i, *a, **kw):
+            finish(self, i, *a, **kw)
+            if i == crash_after:
+                self.dist.barrier()
+                os._exit(9)
+
+        StreamedRun.finish_block = finish_then_die
     from lopro.cli import main
 
     t0 = time.perf_counter()
@@ -46,11 +58,14 @@ def _worker(rank: int, world: int, port: int, argv: list[str], result: str, die:
     Path(result).write_text(f"{rc} {time.perf_counter() - t0:.1f}")
 
 
-def launch(world: int, argv: list[str], tmp: Path, die_rank: int | None = None, timeout: float = 240):
+def launch(world: int, argv: list[str], tmp: Path, die_rank: int | None = None, timeout: float = 240,
+           crash_after: int | None = None):
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, argv, str(tmp / f"rc{r}"), r == die_rank))
-             for r in range(world)]
+    for r in range(world):
+        (tmp / f"rc{r}").unlink(missing_ok=True)
+    procs = [ctx.Process(target=_worker, args=(r, world, port, argv, str(tmp / f"rc{r}"), r == die_rank,
+                                                crash_after)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -98,3 +113,18 @@ def test_a_dead_rank_ends_the_job_with_an_error(setup, tmp_path):
     rcs = launch(2, args(setup, tmp_path / "out", "gptq"), tmp_path, die_rank=1, timeout=120)
     assert rcs[1] is None and rcs[0] is not None and rcs[0][0] != "0"
     assert time.perf_counter() - t0 < 120 and not (tmp_path / "out").exists()
+
+
+def test_resume_under_torchrun_continues_with_the_same_bytes(setup, tmp_path):
+    out = tmp_path / "out"
+    rcs = launch(2, args(setup, out, "gptq"), tmp_path, crash_after=0)
+    assert rcs == [None, None] and not out.exists()  # both ranks died after block 0 was written
+    rcs = launch(2, [*args(setup, out, "gptq"), "--resume"], tmp_path)
+    assert [r[0] for r in rcs] == ["0", "0"]
+    from lopro.cli import main
+
+    assert main(args(setup, tmp_path / "one", "gptq")) == 0
+    assert digest(out) == digest(tmp_path / "one")
+    import json
+
+    assert json.loads((out / "report.json").read_text())["summary"]["resumed_from_block"] == 1

@@ -14,6 +14,11 @@ run finishes, everything lives in ``.<out>.partial/`` beside ``--out``:
   version) and, per finished block, its shard's SHA-256, report rows and module specs;
 - ``lock``: held (flock) while a process works on the folder.
 
+Under torchrun (lopro.pipeline.distributed) every rank streams the same blocks; rank 0 writes the
+shards and the manifest, and each rank saves its own share of the activations (``acts/<block>/rank<r>/``,
+``acts/kwargs-rank<r>.pt``), whose SHA-256 rank 0 gathers into the manifest, so a resume under the
+same number of processes continues where they stopped.
+
 ``--resume`` checks the fingerprint (any difference is refused, naming it), keeps the longest prefix
 of blocks whose shards match their SHA-256 and whose next inputs are intact, and continues from
 there; a torn shard or manifest is detected and its block redone. The finished folder is moved to
@@ -35,6 +40,7 @@ import torch
 from lopro.pipeline.activations import Activations, available_memory, estimate_bytes
 from lopro.io.checkpoint import (DEFAULT_SHARD_BYTES, WEIGHTS_NAME, build_quantization_config, fp_storage,
                                 tensors_to_save, write_index, write_metadata, write_tensors)
+from lopro.pipeline.distributed import Dist
 from lopro.pipeline.run import BlockIO, capture_activations
 from lopro.model.surgery import quant_linear_specs
 from lopro.io.atomic import atomic_write, check_unchanged, publish, sha256_file
@@ -112,7 +118,9 @@ def choose_offload(offload: str, nsamples: int, seqlen: int, hidden: int) -> boo
 class StreamedRun(BlockIO):
     def __init__(self, lazy: LazyModel, out: str | Path, fingerprint: dict, *, packed: bool = True,
                  fp_dtype: str = "auto", resume: bool = False, overwrite: bool = False, offload: bool = False,
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, need_bytes: int = 0):
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, need_bytes: int = 0, dist: Dist | None = None):
+        self.dist = dist or Dist()
+        self.writer = self.dist.is_writer
         self.lazy, self.out, self.packed, self.fp_dtype = lazy, Path(out), packed, fp_dtype
         self.work = work_folder(self.out)
         self.offload, self.max_shard_bytes = offload, max_shard_bytes
@@ -123,6 +131,10 @@ class StreamedRun(BlockIO):
         self.fingerprint = fingerprint
         self.bytes_written = 0
         self.bytes_read = 0
+        self._resume = resume
+        if not self.writer:  # rank 0 prepares the folder; this rank only reads and saves its activations
+            self.manifest = None
+            return
         self._prepare(resume, overwrite)
         free = shutil.disk_usage(self.work).free
         if need_bytes > free:  # checked before any block is computed; a disk filling later is caught at the write
@@ -224,19 +236,20 @@ class StreamedRun(BlockIO):
     def _outside(self, assign: bool) -> None:
         """The tensors outside the blocks, each read once as stored (fp storage never widens it), written
         as its own shard unless already verified, and (`assign`) put in the model for the capture."""
-        done = self._outside_verified()
+        done = self._outside_verified() if self.writer else {}
         recs = []
         for j, name in enumerate(self.outside):
             t = self.lazy.read([name])[name]
             self.bytes_read += t.numel() * t.element_size()
             rec = done.get(name)
-            if rec is None:
+            if rec is None and self.writer:
                 rec = self._write(self.files[self.n + j], {name: self._fp(t).contiguous()})
             recs.append(rec)
             if assign:
                 self.lazy.assign({name: t.to(self.lazy.dtype) if t.is_floating_point() else t})
             del t
-        self.manifest["outside"] = recs
+        if self.writer:
+            self.manifest["outside"] = recs
 
     def _outside_verified(self) -> dict[str, dict]:
         return {name: rec for rec in self.manifest["outside"] or [] if self._verified(rec) for name in rec["tensors"]}
@@ -247,61 +260,90 @@ class StreamedRun(BlockIO):
 
     # ---------------------------------------------------------------- BlockIO
     def resume(self):
+        d = self.dist
         m = self.manifest
         done = 0
-        for rec in m["blocks"]:
-            if rec["index"] != done or not self._verified(rec):
-                if rec["index"] == done:
-                    log.warning("shard %s of block %d is damaged or missing: the block is redone", rec["file"], done)
-                break
-            done += 1
+        if self.writer:
+            for rec in m["blocks"]:
+                if rec["index"] != done or not self._verified(rec):
+                    if rec["index"] == done:
+                        log.warning("shard %s of block %d is damaged or missing: the block is redone", rec["file"],
+                                    done)
+                    break
+                done += 1
+        done, kw_rec, inputs_rec = d.broadcast((done, m["kwargs"], m["inputs"]) if self.writer else None, 0)
         kwargs = None
-        if m["kwargs"] and self._verified(m["kwargs"]):
-            kwargs = torch.load(self.work / m["kwargs"]["file"], weights_only=False)
+        mine = self._mine(kw_rec)
+        if mine and (self.work / mine["file"]).exists() and sha256_file(self.work / mine["file"]) == mine["sha256"]:
+            kwargs = torch.load(self.work / mine["file"], weights_only=False)
         start, inputs = done, None
         needs_inputs = self.fingerprint.get("calibration_sha256") is not None  # weight-only methods need none
-        while needs_inputs and (start > 0 or kwargs is not None):
-            files = m["inputs"].get(str(start))
+        while needs_inputs:
+            files = self._mine(inputs_rec.get(str(start)))
+            got = None
             if kwargs is not None and files is not None:
                 try:
-                    inputs = Activations.load(self._acts_dir(start), kwargs, files, in_ram=not self.offload)
-                    break
+                    got = Activations.load(self._acts_dir(start), kwargs, files, in_ram=not self.offload)
                 except ValueError as exc:
                     log.warning("%s", exc)
+            if d.all_true(got is not None):  # every rank has its share of this block's inputs
+                inputs = got
+                break
             if start == 0:
                 break
             start -= 1
         if inputs is None and needs_inputs:
             start = 0
-        if len(self._outside_verified()) != len(self.outside):
-            self._outside(assign=False)
-        m["blocks"] = m["blocks"][:start]
-        m["inputs"] = {k: v for k, v in m["inputs"].items() if int(k) >= start}
-        self._write_manifest()
-        if start:
-            log.warning("resuming %s after block %d (%d of %d blocks were finished)", self.out, start - 1, start, self.n)
+        if self.writer:
+            if len(self._outside_verified()) != len(self.outside):
+                self._outside(assign=False)
+            m["blocks"] = m["blocks"][:start]
+            m["inputs"] = {k: v for k, v in m["inputs"].items() if int(k) >= start}
+            self._write_manifest()
+            if start:
+                log.warning("resuming %s after block %d (%d of %d blocks were finished)", self.out, start - 1, start,
+                            self.n)
         self.resumed_from = start
-        return start, inputs, [r for rec in m["blocks"] for r in rec["rows"]], [rec["profile"] for rec in m["blocks"]]
+        rows_profiles = ([r for rec in m["blocks"] for r in rec["rows"]], [rec["profile"] for rec in m["blocks"]]) \
+            if self.writer else ([], [])
+        return (start, inputs, *d.broadcast(rows_profiles, 0))
+
+    def _mine(self, rec):
+        """This rank's part of a manifest record (the whole record in a single process)."""
+        if rec is None or not self.dist.enabled:
+            return rec
+        return rec.get(str(self.dist.rank))
+
+    def _gathered(self, rec):
+        """Every rank's `rec`, keyed by rank, on rank 0 (the record itself in a single process)."""
+        if not self.dist.enabled:
+            return rec
+        return {str(r): v for r, v in enumerate(self.dist.gather_objects(rec))}
 
     def capture(self, model, first_block, batches) -> Activations:
         self._outside(assign=True)
         acts = capture_activations(model, first_block, batches)
         self.lazy.release_names(self.outside)
-        kw = self.work / "acts" / "kwargs.pt"
-        kw.parent.mkdir(exist_ok=True)
+        name = "kwargs.pt" if not self.dist.enabled else f"kwargs-rank{self.dist.rank}.pt"
+        kw = self.work / "acts" / name
+        kw.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(kw, b"", writer=lambda tmp: torch.save(acts.kwargs, tmp))
-        self.manifest["kwargs"] = {"file": str(kw.relative_to(self.work)), "sha256": sha256_file(kw)}
+        kw_rec = self._gathered({"file": str(kw.relative_to(self.work)), "sha256": sha256_file(kw)})
         if self.offload:
             disk = acts.like(self._acts_dir(0))
             for h, _ in acts:
                 disk.append(h)
             acts = disk
-        self.manifest["inputs"]["0"] = acts.save(self._acts_dir(0))
-        self._write_manifest()
+        files = self._gathered(acts.save(self._acts_dir(0)))
+        if self.writer:
+            self.manifest["kwargs"] = kw_rec
+            self.manifest["inputs"]["0"] = files
+            self._write_manifest()
         return acts
 
     def _acts_dir(self, i: int) -> Path:
-        return self.work / "acts" / f"{i:05d}"
+        base = self.work / "acts" / f"{i:05d}"
+        return base / f"rank{self.dist.rank}" if self.dist.enabled else base
 
     def load_block(self, i, block) -> None:
         self.bytes_read += self.lazy.load(self.lazy.block_prefix(i))
@@ -310,6 +352,13 @@ class StreamedRun(BlockIO):
         return inputs.like(self._acts_dir(i + 1) if self.offload else None)
 
     def finish_block(self, i, block, rows, next_inputs, profile) -> None:
+        if not self.writer:  # this rank's share of the next inputs, for a resume; rank 0 records it
+            if next_inputs is not None and i + 1 < self.n:
+                self._gathered(next_inputs.save(self._acts_dir(i + 1)))
+            for k in range(max(0, i - 1)):  # keep the inputs of the last two blocks
+                shutil.rmtree(self._acts_dir(k), ignore_errors=True)
+            self.lazy.release(block)
+            return
         t0 = time.perf_counter()
         prefix = self.lazy.block_prefix(i)
         if self.packed:
@@ -322,16 +371,16 @@ class StreamedRun(BlockIO):
         rec["rows"] = rows
         rec["specs"] = specs
         if next_inputs is not None and i + 1 < self.n:
-            self.manifest["inputs"][str(i + 1)] = next_inputs.save(self._acts_dir(i + 1))
-            self.bytes_written += sum((self._acts_dir(i + 1) / f).stat().st_size
-                                      for f in self.manifest["inputs"][str(i + 1)])
+            mine = next_inputs.save(self._acts_dir(i + 1))
+            self.manifest["inputs"][str(i + 1)] = self._gathered(mine)
+            self.bytes_written += sum((self._acts_dir(i + 1) / f).stat().st_size for f in mine)
         profile["write_s"] = time.perf_counter() - t0
         rec["profile"] = profile
         self.manifest["blocks"].append(rec)
         self._write_manifest()
         for k in [k for k in self.manifest["inputs"] if int(k) < i]:  # keep the inputs of the last two blocks
             del self.manifest["inputs"][k]
-            shutil.rmtree(self._acts_dir(int(k)), ignore_errors=True)
+            shutil.rmtree(self.work / "acts" / f"{int(k):05d}", ignore_errors=True)
         self.lazy.release(block)
 
     # ---------------------------------------------------------------- the end
@@ -377,30 +426,5 @@ class StreamedRun(BlockIO):
         return qc
 
     def close(self) -> None:
-        if getattr(self, "_lock", None) is not None and not self._lock.closed:
+        if self.writer and getattr(self, "_lock", None) is not None and not self._lock.closed:
             self._lock.close()
-
-
-class StreamedReader(BlockIO):
-    """A rank other than 0 under torchrun: it reads the same blocks as rank 0 and writes nothing."""
-
-    def __init__(self, lazy: LazyModel):
-        self.lazy = lazy
-        self.outside = lazy.outside_blocks()
-        self.bytes_read = 0
-
-    def capture(self, model, first_block, batches) -> Activations:
-        tensors = self.lazy.read(self.outside)
-        self.bytes_read += sum(t.numel() * t.element_size() for t in tensors.values())
-        self.lazy.assign({k: t.to(self.lazy.dtype) if t.is_floating_point() else t for k, t in tensors.items()})
-        del tensors
-        acts = capture_activations(model, first_block, batches)
-        self.lazy.release_names(self.outside)
-        return acts
-
-    def load_block(self, i, block) -> None:
-        self.bytes_read += self.lazy.load(self.lazy.block_prefix(i))
-
-    def finish_block(self, i, block, rows, next_inputs, profile) -> None:
-        self.lazy.release(block)
-

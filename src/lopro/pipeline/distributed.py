@@ -139,6 +139,12 @@ class Dist:
         return torch.load(io.BytesIO(payload.cpu().numpy().tobytes()), map_location=map_location or "cpu",
                           weights_only=False)
 
+    def all_true(self, flag: bool) -> bool:
+        """Whether `flag` holds on every rank."""
+        if not self.enabled:
+            return flag
+        return all(self.gather_objects(bool(flag)))
+
     def gather_objects(self, obj) -> list:
         if not self.enabled:
             return [obj]
