@@ -163,14 +163,6 @@ def test_compute_dtypes_device_moves_and_cache():
     assert torch.equal(layer(x), a)
 
 
-def test_fp8_table_widening_is_exact():
-    from lopro.formats import widen as _widen
-
-    every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(16, 16)
-    for dtype in (torch.float32, torch.bfloat16):
-        assert torch.allclose(_widen(every, dtype), every.to(dtype), rtol=0, atol=0, equal_nan=True)
-
-
 def test_bad_parts_are_refused():
     q = rtn_quantize(weight(), 2, 64)
     with pytest.raises(ValueError, match="permutation"):
