@@ -93,11 +93,11 @@ def test_unexpected_error_is_one_line_with_how_to_report(capsys, monkeypatch):
     import lopro.cli as cli
 
     def boom(a):
-        raise ZeroDivisionError("oops")
+        raise TypeError("oops")
 
     monkeypatch.setattr(cli, "cmd_info", boom)
     rc, err = run(capsys, "info", "x")
-    assert rc == 3 and "internal error ZeroDivisionError: oops" in err and "Traceback" not in err
+    assert rc == 3 and "internal error TypeError: oops" in err and "Traceback" not in err
     rc, err = run(capsys, "-v", "info", "x")
     assert rc == 3 and "Traceback" in err
 
@@ -285,3 +285,32 @@ def test_calibration_file_that_is_not_text_is_refused(tmp_path):
     bad.write_text('{"text": "fine"}\n{"text": oops}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not a JSON object"):
         load_corpus(str(bad)).split("calib")
+
+
+def test_more_inputs_named_before_work(tmp_path, capsys, model_dir, corpus, packed):
+    bad = tmp_path / "badcfg"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    rc, err = run(capsys, "quantize", "--model", str(bad), "--out", str(tmp_path / "o"))
+    assert rc == 2 and "config.json cannot be read as a model config" in err
+    rc, err = run(capsys, *quantize_args(model_dir, corpus, tmp_path / "o", "gptq", "--stats-cache", str(tmp_path)))
+    assert rc == 2 and "--stats-cache reuses the fp model's statistics, so it needs --propagate fp" in err
+    notok = copy_of(packed, tmp_path / "notok")
+    for p in notok.glob("tokenizer*"):
+        p.unlink()
+    rc, err = run(capsys, "generate", "--model", str(notok), "--prompt", "hi", "--max-new-tokens", "1")
+    assert rc == 2 and "has no tokenizer files" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_solver_overflow_is_one_clear_line(tmp_path, capsys, model_dir, corpus, smollm2_path):
+    from transformers import AutoTokenizer
+
+    huge = tmp_path / "huge"
+    m = tiny_llama(layers=1, vocab=VOCAB)
+    with torch.no_grad():
+        m.model.layers[0].mlp.down_proj.weight.mul_(3e37)
+    m.save_pretrained(huge)
+    AutoTokenizer.from_pretrained(smollm2_path).save_pretrained(huge)
+    rc, err = run(capsys, *quantize_args(huge, corpus, tmp_path / "o", "gptq"))
+    assert rc == 2 and "NaN" in err and "Traceback" not in err and not (tmp_path / "o").exists()

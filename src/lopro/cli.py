@@ -210,6 +210,9 @@ def cmd_quantize(a) -> dict:
     from lopro.jobs import quantize_to_folder
 
     cfg = config_from_args(a)
+    if a.stats_cache and cfg.propagate != "fp":
+        raise ValueError("--stats-cache reuses the fp model's statistics, so it needs --propagate fp "
+                         "(the default, quantized, recomputes them after every quantized block)")
     summary = quantize_to_folder(a.model, cfg, a.out, calib_data=a.calib_data, nsamples=a.nsamples,
                                  seqlen=a.seqlen, batch_size=a.batch_size, device=a.device,
                                  overwrite=a.overwrite, stats_cache=a.stats_cache, packed=not a.fake,
@@ -421,7 +424,7 @@ def main(argv=None) -> int:
     except PartialFailure as exc:
         log.error("%s", exc)
         return 1
-    except (ValueError, OSError, RuntimeError, KeyError) as exc:  # expected: bad input, I/O, numerics
+    except (ValueError, OSError, RuntimeError, KeyError, ArithmeticError) as exc:  # bad input, I/O, numerics
         log.error("%s", exc)
         if args.verbose:
             log.exception("traceback")

@@ -99,7 +99,10 @@ def read_config(folder: str | Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.exists():
         raise CheckpointError(f"{folder} has no config.json")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} cannot be read as a model config: not valid JSON ({exc})") from None
 
 
 def read_quantization_config(folder: str | Path) -> dict | None:

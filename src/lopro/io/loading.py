@@ -34,7 +34,14 @@ def load_tokenizer(name_or_dir: str):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name_or_dir)
-    return AutoTokenizer.from_pretrained(path), path
+    try:
+        return AutoTokenizer.from_pretrained(path), path
+    except (OSError, ValueError, TypeError) as exc:
+        names = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+        if path.is_dir() and not any((path / n).exists() for n in names):
+            raise ModelNotFoundError(f"{path} has no tokenizer files ({', '.join(names)}): copy them from the "
+                                     "model it was made from") from None
+        raise ModelNotFoundError(f"the tokenizer in {path} cannot be loaded: {exc}") from None
 
 
 def load_model(name_or_dir: str, dtype: torch.dtype = torch.float32, device=None):

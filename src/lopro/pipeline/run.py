@@ -267,7 +267,9 @@ def _solve(i, name, module, stats, config, method, starved: str | None = None):
     result: LayerResult = method(W, used if fallback else stats, config)
     seconds = time.perf_counter() - t0
     if not torch.isfinite(result.weight).all():
-        raise FloatingPointError(f"block {i} {name}: {config.method} produced NaN/inf weights")
+        raise FloatingPointError(f"block {i} {name}: {config.method} produced NaN/inf weights (weights or "
+                                 f"activations beyond what fp32 arithmetic holds? max |w| = {W.abs().max():.3g}); "
+                                 "check the model's weights, or try --damp-percent 0.1")
     return result, seconds, fallback
 
 
