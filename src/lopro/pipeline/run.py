@@ -149,17 +149,17 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
             block.to(device)
             linears = find_linears(block)
             if calibration is None:
-                stats, groups = {}, [[n] for n in linears]
+                stats, groups, done = {}, [[n] for n in linears], set()
             elif cached:
                 stats, groups = cache.load(i)
+                done = set()
             else:
-                stats, groups, inputs = _calibrate_block(block, linears, inputs, device, config, method, on_layer, i,
-                                                         report, io, dist)
+                stats, groups, inputs, done = _calibrate_block(block, linears, inputs, device, config, method,
+                                                               on_layer, i, report, io, dist)
                 if cache:
                     cache.save(i, stats, groups, last=i == len(blocks) - 1)
             groups = expert_stages(groups, linears)  # adds layers no calibration token reached
             starved = _starved(linears, stats, config) if calibration is not None else {}
-            done = {r["name"] for r in report.layers if r["block"] == i}  # true-sequential quantizes while calibrating
             _quantize_layers(i, [n for group in groups for n in group if n not in done], linears, stats, config,
                              method, on_layer, report, starved, dist)
             t2 = time.perf_counter()
@@ -184,14 +184,15 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
 def _calibrate_block(block, linears, inputs, device, config, method, on_layer, i, report, io, dist):
     """Statistics for every linear of one block; in true-sequential mode, quantizes group by group.
 
-    Returns (stats, groups, next_inputs) where next_inputs are the fp outputs when propagate="fp"
-    (computed in the same pass) and the unchanged inputs otherwise.
+    Returns (stats, groups, next_inputs, quantized) where next_inputs are the fp outputs when
+    propagate="fp" (computed in the same pass) and the unchanged inputs otherwise, and quantized the
+    layers already quantized here (true-sequential: all of the block's stages).
     """
     dtype = torch.float64 if config.pipeline_options.hessian_dtype == "fp64" else torch.float32
     if config.propagate == "fp" or not config.true_sequential:
         outputs = io.next_activations(i, inputs) if config.propagate == "fp" else None
         stats, groups, _ = _collect(block, linears, inputs, device, dtype, outputs=outputs, dist=dist)
-        return stats, dist.broadcast(groups, 0), outputs if config.propagate == "fp" else inputs
+        return stats, dist.broadcast(groups, 0), outputs if config.propagate == "fp" else inputs, set()
     # discover call order and shared inputs on the first batch only (one stage per expert matrix)
     _, groups, _ = _collect(block, linears, inputs.head(1), device, dtype)
     groups = dist.broadcast(expert_stages(groups, linears), 0)  # every rank runs rank 0's stages
@@ -205,7 +206,7 @@ def _calibrate_block(block, linears, inputs, device, config, method, on_layer, i
         for name in group:  # the group's Hessians are not needed again (a 7B down_proj's is 485 MB)
             if name in stats:
                 stats[name] = dataclasses.replace(stats[name], H=None)
-    return stats, groups, inputs
+    return stats, groups, inputs, {n for group in groups for n in group}
 
 
 def _collect(block, linears, inputs, device, dtype, stop_after=None, outputs: Activations | None = None,
