@@ -48,3 +48,23 @@ class PeakMemory:
         if self.device.type == "cuda":
             self.peak_gpu = int(torch.cuda.max_memory_allocated(self.device))
         self.peak = self.peak_gpu if self.peak_gpu is not None else self.peak_rss
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc malloc_trim). Between blocks, freed small
+    allocations otherwise stay resident, and the resident set creeps up block after block (a 32-block
+    7B-shaped GPTQ run: 3.5 GiB at block 0, 4.07 GiB at the end)."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
+

@@ -21,7 +21,7 @@ from lopro.methods.base import LayerResult, LayerStats
 from lopro.pipeline.activations import Activations
 from lopro.pipeline.calibrate import StatsCollector
 from lopro.pipeline.distributed import Dist
-from lopro.pipeline.memory import PeakMemory
+from lopro.pipeline.memory import PeakMemory, release_free_memory
 from lopro.model.moe import (expert_stages, fallback_stats, find_fused_experts, refuse_experts, starved_experts,
                              unfuse_experts)
 from lopro.model.walk import (StopForward, block_output, capture_block_inputs, check_finite, find_blocks,
@@ -173,6 +173,7 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
             profile = {"block": i, "read_s": t1 - t0, "forwards_s": t2 - t1 - solve, "solve_s": solve,
                        "propagate_s": t3 - t2, "peak_rss_bytes": mem.peak_rss}  # the run's peak so far
             io.finish_block(i, block, rows, inputs, profile)
+            release_free_memory()
             report.blocks.append(profile)
             bar.set_postfix(bits=f"{_mean_bits(report):.3f}")
     report.summary = _summarise(report, time.perf_counter() - t_start, device, full_calibration, mem)
