@@ -121,8 +121,9 @@ class LazyModel:
         return [k for k in self.sources if not k.startswith(f"{self.blocks_name}.")]
 
     # ---------------------------------------------------------------- reading
-    def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Tensors by module name, read from disk; floats cast to `dtype` (None: as stored)."""
+    def read(self, names: list[str], dtype: torch.dtype | None = None, copy: bool = True) -> dict[str, torch.Tensor]:
+        """Tensors by module name, read from disk; floats cast to `dtype` (None: as stored). With `copy`
+        (default) they own their memory; without, they may be views of the file's memory map."""
         from safetensors import safe_open
 
         wanted: dict[str, list[str]] = defaultdict(list)  # file -> checkpoint names
@@ -141,7 +142,7 @@ class LazyModel:
             t = raw.pop(src[1]) if src[0] == "copy" else self._convert(name, src[1], src[2], raw)
             if dtype is not None and t.is_floating_point() and t.dtype != dtype:
                 t = t.to(dtype)
-            else:  # out of the file's memory map: freed with this tensor once its layer is packed, where a
+            elif copy:  # out of the file's memory map: freed with this tensor once its layer is packed, where a
                 t = t.clone()  # mapped tensor keeps its whole file resident (a 7B block: 0.8 GB) to the block's end
             out[name] = t.contiguous()
         return out

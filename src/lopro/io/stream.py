@@ -238,15 +238,20 @@ class StreamedRun(BlockIO):
         as its own shard unless already verified, and (`assign`) put in the model for the capture."""
         done = self._outside_verified() if self.writer else {}
         recs = []
+        model = self.lazy.model
+        head, inp = model.get_output_embeddings(), model.get_input_embeddings()
+        tied = head is not None and inp is not None and head.weight is inp.weight
+        head_names = set() if head is None or tied else {
+            n for n, p in model.named_parameters(remove_duplicate=False) if any(p is q for q in head.parameters())}
         for j, name in enumerate(self.outside):
-            t = self.lazy.read([name])[name]
+            t = self.lazy.read([name], copy=False)[name]  # mapped: written from the file's pages, copied only to assign
             self.bytes_read += t.numel() * t.element_size()
             rec = done.get(name)
             if rec is None and self.writer:
                 rec = self._write(self.files[self.n + j], {name: self._fp(t).contiguous()})
             recs.append(rec)
-            if assign:
-                self.lazy.assign({name: t.to(self.lazy.dtype) if t.is_floating_point() else t})
+            if assign and name not in head_names:  # capturing block 0's inputs never reaches the head
+                self.lazy.assign({name: t.to(self.lazy.dtype, copy=True) if t.is_floating_point() else t.clone()})
             del t
         if self.writer:
             self.manifest["outside"] = recs
