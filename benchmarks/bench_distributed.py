@@ -62,16 +62,19 @@ def main(argv=None) -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--procs", type=int, default=2)
+    ap.add_argument("--option", action="append", default=[], help="passed to lopro quantize, e.g. hessian_dtype=fp64")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/distributed/bench_distributed.json"))
     a = ap.parse_args(argv)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     scratch = Path(tempfile.mkdtemp(prefix="bench-dist-"))
-    results = {"nsamples": a.nsamples, "seqlen": a.seqlen, "procs": a.procs, "threads_per_process": 1, "rows": []}
+    results = {"nsamples": a.nsamples, "seqlen": a.seqlen, "procs": a.procs, "threads_per_process": 1,
+               "options": a.option, "rows": []}
     try:
         for item in a.configs.split(","):
             method, bits, gs = item.split(":")
             base = ["quantize", "--model", "smollm2-135m", "--method", method, "--bits", bits, "--group-size", gs,
-                    "--rank", "16", "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--device", "cpu"]
+                    "--rank", "16", "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--device", "cpu",
+                    *[x for o in a.option for x in ("--option", o)]]
             one, many = scratch / f"{item}-1", scratch / f"{item}-{a.procs}"
             cmds = {1: ([sys.executable, "-m", "lopro", *base, "--out", str(one)], one),
                     a.procs: ([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
             for _ in range(a.rounds):
                 for k, (cmd, out) in cmds.items():
                     timings[k].append(run(cmd, env, out))
-            row = {"config": item, "runs": timings, **tensors_equal(one, many)}
+            row = {"config": item, "options": a.option, "runs": timings, **tensors_equal(one, many)}
             med = {k: statistics.median(t["wall_s"] for t in v) for k, v in timings.items()}
             row["median_wall_s"] = med
             row["speedup"] = med[1] / med[a.procs]
