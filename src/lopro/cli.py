@@ -5,7 +5,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -344,19 +343,12 @@ def _grid_from_args(a):
 def cmd_compare(a) -> dict:
     from lopro.compare import markdown_table, run_grid
 
-    from lopro.compare import FP, ResultStore, label_of
-
     grid = _grid_from_args(a)
     results = run_grid(grid, a.out, propagate=a.propagate)
     sys.stdout.write(markdown_table(results, grid))
-    done = {r["label"] for r in results}
-    wanted = [label_of({"method": FP} if c == FP else {**c.to_dict(), "propagate": a.propagate})
-              for c in grid.configs]
-    failed = [w for w in wanted if w not in done]
-    if failed:
-        errors = {f["label"]: f["error"] for f in ResultStore(Path(a.out)).data["failures"].values()}
-        raise PartialFailure(f"{len(failed)} of {len(wanted)} entries failed (the others are in {a.out}): "
-                             + "; ".join(f"{w}: {errors.get(w, 'no result')}" for w in failed))
+    if results.failures:
+        raise PartialFailure(f"{len(results.failures)} of {len(grid.configs)} entries failed (the others are in "
+                             f"{a.out}): " + "; ".join(f"{f['label']}: {f['error']}" for f in results.failures))
     return {"out": a.out, "entries": len(results)}
 
 

@@ -120,9 +120,16 @@ def label_of(cfg: dict) -> str:
     return s + "".join(f" {k}={v}" for k, v in sorted(extra.items()))
 
 
+class GridResults(list):
+    """The finished entries in grid order; `.failures`: {"label", "error"} of the entries that failed."""
+
+    failures: list[dict]
+
+
 def run_grid(grid: Grid, out_dir: str | Path, propagate: str = "fp", progress: bool = True,
-             table_name: str = "results") -> list[dict]:
-    """Evaluate every configuration of `grid`; returns the entries in grid order."""
+             table_name: str = "results") -> GridResults:
+    """Evaluate every configuration of `grid`; returns the finished entries in grid order, with the failed
+    ones in `.failures` (the others are kept: a rerun computes only what is missing)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir())
                                                        and not (out_dir / "results.json").exists())):
@@ -156,7 +163,9 @@ def run_grid(grid: Grid, out_dir: str | Path, propagate: str = "fp", progress: b
     for f in failures:
         log.error("FAILED %s: %s", f["label"], f["error"])
     write_table(results, grid, out_dir, table_name)
-    return results
+    out = GridResults(results)
+    out.failures = failures
+    return out
 
 
 def _run_one(grid: Grid, d: dict, label: str, calib, evals, stats_dir, tok, progress: bool = False) -> dict:

@@ -55,19 +55,15 @@ def quantize_to_folder(model_name: str, cfg: QuantConfig, out, *, calib_data="wi
     hidden = lazy.model.config.hidden_size
     act = estimate_bytes(nsamples, seqlen, hidden) if calib is not None else 0
     need = estimate_output_bytes(lazy, cfg.bits if packed else 32, cfg.group_size, cfg.rank if packed else 0, act)
+    error = None
     try:  # rank 0 prepares the folder (and may refuse) before any rank writes into it
         run = StreamedRun(lazy, out, fp, packed=packed, fp_dtype=fp_dtype, resume=resume, overwrite=overwrite,
                           offload=choose_offload(offload, nsamples, seqlen, hidden), need_bytes=need, dist=dist,
                           **extra)
-        ok = True
-    except Exception:
-        ok = False
-        if not dist.enabled:
-            raise
-        dist.all_true(ok)
-        raise
-    if not dist.all_true(ok):
-        raise RuntimeError("rank 0 could not prepare the output folder (see its error)")
+    except Exception as exc:
+        error = exc
+    if not dist.all_true(error is None):  # every rank stops when rank 0 refused
+        raise error or RuntimeError("rank 0 could not prepare the output folder (see its error)")
     try:
         on_layer = None
         if packed:

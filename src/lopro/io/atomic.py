@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -69,8 +70,6 @@ def _clean_stale(out: Path) -> None:
 
 def is_lopro_output(folder: Path) -> bool:
     """A folder lopro wrote: a checkpoint (fake-quantized ones carry report.json), an export, a compare cache."""
-    import json
-
     for name, key in (("config.json", "quantization_config"), ("report.json", "summary"),
                       ("export.json", None), ("results.json", "entries")):
         path = folder / name

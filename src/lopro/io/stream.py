@@ -131,7 +131,6 @@ class StreamedRun(BlockIO):
         self.fingerprint = fingerprint
         self.bytes_written = 0
         self.bytes_read = 0
-        self._resume = resume
         if not self.writer:  # rank 0 prepares the folder; this rank only reads and saves its activations
             self.manifest = None
             return
