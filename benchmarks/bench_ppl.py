@@ -97,7 +97,20 @@ def ladder_default():
             q("lowrank-gptq-hadamard", 3, 64, **r), q("lowrank-rtn", 3, 64, **r), q("gptq", 4, -1)]
 
 
-SUITES = {"foundation": foundation, "ladder": ladder, "vq": vq, "default-mode": default_mode,
+def forwards():
+    """Issue 15's trade-offs, run with --propagate quantized --nsamples 32 (the README table's setting): the
+    calibration and propagation forwards in fp32 or bf16 (autocast), true-sequential or llm-compressor's
+    two passes per block (every layer calibrated at once, then one propagation)."""
+    configs = []
+    for method, bits in (("gptq", 3), ("lopro", 2), ("lopro", 3)):
+        r = {"rank": 16} if method == "lopro" else {}
+        for fwd in ("fp32", "bf16"):
+            configs.append(q(method, bits, 64, **r, options={"forward_dtype": fwd}))
+        configs.append(q(method, bits, 64, **r, true_sequential=False, options={"forward_dtype": "bf16"}))
+    return configs
+
+
+SUITES = {"foundation": foundation, "forwards": forwards, "ladder": ladder, "vq": vq, "default-mode": default_mode,
           "ladder-default": ladder_default}
 
 

@@ -217,9 +217,10 @@ def cmd_quantize(a) -> dict:
                                  overwrite=a.overwrite, stats_cache=a.stats_cache, packed=not a.fake,
                                  fp_dtype=a.fp_dtype, resume=a.resume, offload=a.offload)
     prof = summary["profile_seconds"]
-    log.warning("wrote %s: effective bits %.3f, %.1f s (read %.1f, forwards %.1f, solves %.1f, propagation %.1f, "
-                "write %.1f), peak RSS %.2f GiB%s", a.out, summary["effective_bits"], summary["quant_seconds"],
-                prof["read_s"], prof["forwards_s"], prof["solve_s"], prof["propagate_s"], prof["write_s"],
+    log.warning("wrote %s: effective bits %.3f, %.1f s (capture %.1f, read %.1f, forwards %.1f, Hessians %.1f, "
+                "solves %.1f, propagation %.1f, write %.1f), peak RSS %.2f GiB%s", a.out, summary["effective_bits"],
+                summary["quant_seconds"], prof["capture_s"], prof["read_s"], prof["forwards_s"], prof["hessian_s"],
+                prof["solve_s"], prof["propagate_s"], prof["write_s"],
                 summary["peak_rss_bytes"] / 2**30,
                 f", peak GPU {summary['peak_gpu_bytes'] / 2**30:.2f} GiB" if summary["peak_gpu_bytes"] else "")
     return summary

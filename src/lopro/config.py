@@ -12,6 +12,7 @@ BITS_RANGE = (2, 8)
 RANK_DTYPES = tuple(FACTOR_DTYPES)
 LOWRANK_SOLVERS = SOLVERS
 PROPAGATE = ("quantized", "fp")
+FORWARD_DTYPES = ("fp32", "bf16", "auto")
 STARVED_EXPERT_HESSIANS = ("identity", "diagonal")  # the default first
 
 
@@ -20,6 +21,9 @@ class PipelineOptions:
     """Options of the pipeline itself, valid with every method (``--option KEY=VALUE``)."""
 
     hessian_dtype: str = opt("fp32", str, ("fp32", "fp64"), doc="dtype X^T X is accumulated in")
+    forward_dtype: str = opt("fp32", str, FORWARD_DTYPES,
+                             doc="dtype of the calibration and propagation forwards' matmuls (autocast); "
+                                 "auto = bf16 where the device computes bf16 natively")
     starved_expert_hessian: str = opt(STARVED_EXPERT_HESSIANS[0], str, STARVED_EXPERT_HESSIANS,
                                       doc="what an MoE expert too few tokens reached is quantized with")
     min_expert_tokens_share: float = opt(0.1, float, minimum=0)

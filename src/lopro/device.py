@@ -24,3 +24,26 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     elif dev.type not in ("cpu", "mps"):
         raise ValueError(f"device {name!r} is not supported; use cpu or cuda")
     return dev
+
+
+def has_native_bf16(device: torch.device | str) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware (CUDA with bf16 support; a CPU with AVX-512
+    BF16 or AMX): elsewhere bf16 matmuls are emulated and slower than fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def forward_dtype(name: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of a pipeline forward for option `forward_dtype` (None: plain fp32)."""
+    if name == "bf16" or (name == "auto" and has_native_bf16(device)):
+        return torch.bfloat16
+    return None

@@ -170,3 +170,17 @@ def test_bad_parts_are_refused():
     q.zero[0, 0] = 1.5
     with pytest.raises(ValueError, match="zeros must be integers"):
         QuantLinear.from_result(LayerResult(q.dequantize(), residual=q))
+
+
+def test_autocast_computes_in_its_dtype_like_compute_dtype():
+    """Under the pipeline's bf16 autocast a LoPRo layer (permutation, rotation, low rank) computes every
+    branch in bf16, exactly as with compute_dtype=bf16, and returns its input's dtype."""
+    cfg = QuantConfig(method="lopro", bits=3, group_size=64, rank=8, block_identity=64, block_hadamard=64)
+    result = get_method("lopro")(weight(), stats(), cfg)
+    layer = QuantLinear.from_result(result)
+    x = torch.randn(40, N)  # more tokens than rows: S is folded into U
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float32 and rel(y, x @ result.weight.T) < 2e-2
+    layer.compute_dtype = torch.bfloat16
+    assert torch.equal(y, layer(x))

@@ -135,3 +135,68 @@ def test_finite_check_scans_every_chunk_of_a_large_weight(where):
         check_finite(model, chunk=256)  # 3000 elements: the bad one sits in the first or the last chunk
     model.weight.data.view(-1)[where] = 0.0
     check_finite(model, chunk=256)
+
+
+def _seen_input_dtypes(model):
+    """The dtype of every linear's input as its forward hook sees it (autocast casts inside F.linear)."""
+    seen = set()
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.register_forward_hook(lambda m, args, out: seen.add(out.dtype))
+    return seen
+
+
+def test_bf16_forwards_use_autocast_and_keep_fp32_hessians(monkeypatch):
+    """forward_dtype=bf16 runs the block's matmuls in bf16 (their outputs are bf16), accumulates X^T X in fp32,
+    and quantizes about as well as fp32 forwards (the statistics differ by bf16 rounding)."""
+    from lopro.pipeline import calibrate
+
+    hessian_dtypes = []
+    finish = calibrate._Accumulator.finish
+    monkeypatch.setattr(calibrate._Accumulator, "finish",
+                        lambda self: hessian_dtypes.append(self.xtx.dtype) or finish(self))
+    ids, test = calib(n=8, L=32), calib(n=4, L=32, seed=1)
+    with torch.no_grad():
+        ref = tiny_llama()(test).logits
+    errors, weights = {}, {}
+    for fwd in ("fp32", "bf16"):
+        model = tiny_llama()
+        outs = _seen_input_dtypes(model)
+        cfg = QuantConfig(method="gptq", bits=4, group_size=32, options={"forward_dtype": fwd})
+        quantize(model, cfg, ids, batch_size=2, progress=False)
+        assert outs == ({torch.float32} if fwd == "fp32" else {torch.bfloat16})
+        with torch.no_grad():
+            errors[fwd] = ((model(test).logits - ref).norm() / ref.norm()).item()
+        weights[fwd] = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "proj" in n])
+    assert set(hessian_dtypes) == {torch.float32}
+    assert not torch.equal(weights["fp32"], weights["bf16"])  # the bf16 statistics were used
+    assert errors["bf16"] < 1.25 * errors["fp32"], errors
+
+
+def test_forward_dtype_auto_follows_the_hardware(monkeypatch):
+    from lopro import device
+
+    monkeypatch.setattr(device, "has_native_bf16", lambda d: False)
+    assert device.forward_dtype("auto", "cpu") is None and device.forward_dtype("bf16", "cpu") is torch.bfloat16
+    monkeypatch.setattr(device, "has_native_bf16", lambda d: True)
+    assert device.forward_dtype("auto", "cpu") is torch.bfloat16 and device.forward_dtype("fp32", "cpu") is None
+    with pytest.raises(ValueError, match="forward_dtype"):
+        QuantConfig(options={"forward_dtype": "fp16"})
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_profile_has_every_stage(true_sequential):
+    model = tiny_llama()
+    cfg = QuantConfig(method="gptq", bits=4, group_size=32, true_sequential=true_sequential)
+    _, report = quantize(model, cfg, calib(), batch_size=2, progress=False)
+    prof = report.summary["profile_seconds"]
+    assert {"capture_s", "read_s", "forwards_s", "hessian_s", "solve_s", "propagate_s", "write_s"} <= set(prof)
+    assert prof["hessian_s"] > 0 and prof["capture_s"] > 0
+    stages = [s["layers"] for s in report.blocks[0]["stages"]]
+    if true_sequential:
+        assert stages == ["discover", ["self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj"],
+                          ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    else:  # llm-compressor's two passes: every layer at once, then the propagation
+        assert len(stages) == 1 and len(stages[0]) == 7
+    for b in report.blocks:
+        assert abs(b["hessian_s"] - sum(s["hessian_s"] for s in b["stages"])) < 1e-9

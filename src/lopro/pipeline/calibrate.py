@@ -1,6 +1,8 @@
 """Per-layer input statistics (Hessian H = 2/N X^T X and mean |x|) gathered with forward hooks."""
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -47,6 +49,7 @@ class StatsCollector:
         self._batch_inputs: list[tuple[torch.Tensor, str]] = []
         self._called: set[str] = set()
         self._handles = []
+        self.hessian_seconds = 0.0  # time spent accumulating X^T X (part of the forwards' wall time)
 
     def __enter__(self):
         for name, mod in self.linears.items():
@@ -74,7 +77,9 @@ class StatsCollector:
             if key == name:
                 if key not in self.acc:
                     self.acc[key] = _Accumulator(x.shape[-1], self.dtype, x.device)
+                t0 = time.perf_counter()
                 self.acc[key].add(x.detach(), getattr(_mod, "calib_token_weights", None))
+                self.hessian_seconds += time.perf_counter() - t0
                 self._batch_inputs.append((x, key))
             self._called.add(name)
             if self.stop_after and self.stop_after <= self._called:

@@ -5,6 +5,7 @@ Each block's outputs (from the *quantized* block by default) feed the next block
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -15,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lopro.config import QuantConfig
+from lopro.device import forward_dtype
 from lopro.io.atomic import atomic_write
 from lopro.methods import get_method
 from lopro.methods.base import LayerResult, LayerStats
@@ -116,6 +118,7 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
     model_device = params[0].device if params else torch.device("cpu")
     device = torch.device(device) if device is not None else model_device
     weighted = config.pipeline_options.moe_weighted_hessian
+    amp = forward_dtype(config.pipeline_options.forward_dtype, device)
     with PeakMemory(device) as mem:
         if pack and on_layer is not None:
             raise ValueError("pass either pack=True or on_layer, not both")
@@ -134,8 +137,10 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
         cache = (_StatsCache(stats_cache, calibration) if stats_cache and config.propagate == "fp"
                  and calibration is not None else None)
         cached = cache is not None and cache.complete(len(blocks))  # every block's fp statistics on disk
+        t_capture = time.perf_counter()
         if calibration is not None and not cached and inputs is None:
             inputs = io.capture(model, blocks[0], calibration.split(batch_size))
+        capture_s = time.perf_counter() - t_capture
 
         bar = tqdm(range(start, len(blocks)), desc=f"{config.method} W{config.bits}", disable=not progress,
                    unit="block", initial=start, total=len(blocks))
@@ -148,14 +153,15 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
             home = next(block.parameters()).device
             block.to(device)
             linears = find_linears(block)
+            stages: list[dict] = []  # per calibration forward: the layers it reached, its forward and Hessian seconds
             if calibration is None:
                 stats, groups, done = {}, [[n] for n in linears], set()
             elif cached:
                 stats, groups = cache.load(i)
                 done = set()
             else:
-                stats, groups, inputs, done = _calibrate_block(block, linears, inputs, device, config, method,
-                                                               on_layer, i, report, io, dist)
+                stats, groups, inputs, done = _calibrate_block(block, linears, inputs, device, amp, config, method,
+                                                               on_layer, i, report, io, dist, stages)
                 if cache:
                     cache.save(i, stats, groups, last=i == len(blocks) - 1)
             groups = expert_stages(groups, linears)  # adds layers no calibration token reached
@@ -164,25 +170,28 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
                              method, on_layer, report, starved, dist)
             t2 = time.perf_counter()
             if inputs is not None and config.propagate == "quantized":
-                inputs = _forward(block, inputs, device, io.next_activations(i, inputs))
+                inputs = _forward(block, inputs, device, amp, io.next_activations(i, inputs))
             t3 = time.perf_counter()
             refuse_experts(block)  # back to the fused layout unless experts were packed
             block.to(home)
             rows = [r for r in report.layers if r["block"] == i]
             solve = sum(r["seconds"] for r in rows)
-            profile = {"block": i, "read_s": t1 - t0, "forwards_s": t2 - t1 - solve, "solve_s": solve,
-                       "propagate_s": t3 - t2, "peak_rss_bytes": mem.peak_rss}  # the run's peak so far
+            hessian = sum(s["hessian_s"] for s in stages)
+            profile = {"block": i, "read_s": t1 - t0, "forwards_s": t2 - t1 - solve - hessian, "hessian_s": hessian,
+                       "solve_s": solve, "propagate_s": t3 - t2, "peak_rss_bytes": mem.peak_rss,  # the run's so far
+                       "stages": stages}
             io.finish_block(i, block, rows, inputs, profile)
             release_free_memory()
             report.blocks.append(profile)
             bar.set_postfix(bits=f"{_mean_bits(report):.3f}")
     report.summary = _summarise(report, time.perf_counter() - t_start, device, full_calibration, mem)
+    report.summary["profile_seconds"]["capture_s"] = capture_s
     report.summary["processes"] = dist.world
     report.summary["communication_seconds"] = dist.comm_seconds
     return model, report
 
 
-def _calibrate_block(block, linears, inputs, device, config, method, on_layer, i, report, io, dist):
+def _calibrate_block(block, linears, inputs, device, amp, config, method, on_layer, i, report, io, dist, stages):
     """Statistics for every linear of one block; in true-sequential mode, quantizes group by group.
 
     Returns (stats, groups, next_inputs, quantized) where next_inputs are the fp outputs when
@@ -192,15 +201,16 @@ def _calibrate_block(block, linears, inputs, device, config, method, on_layer, i
     dtype = torch.float64 if config.pipeline_options.hessian_dtype == "fp64" else torch.float32
     if config.propagate == "fp" or not config.true_sequential:
         outputs = io.next_activations(i, inputs) if config.propagate == "fp" else None
-        stats, groups, _ = _collect(block, linears, inputs, device, dtype, outputs=outputs, dist=dist)
+        stats, groups, _ = _collect(block, linears, inputs, device, amp, dtype, outputs=outputs, dist=dist,
+                                    stages=stages)
         return stats, dist.broadcast(groups, 0), outputs if config.propagate == "fp" else inputs, set()
     # discover call order and shared inputs on the first batch only (one stage per expert matrix)
-    _, groups, _ = _collect(block, linears, inputs.head(1), device, dtype)
+    _, groups, _ = _collect(block, linears, inputs.head(1), device, amp, dtype, stages=stages, label="discover")
     groups = dist.broadcast(expert_stages(groups, linears), 0)  # every rank runs rank 0's stages
     stats: dict[str, LayerStats] = {}
     for group in groups:
         members = {n: linears[n] for n in group}
-        got, _, _ = _collect(block, members, inputs, device, dtype, stop_after=group, dist=dist)
+        got, _, _ = _collect(block, members, inputs, device, amp, dtype, stop_after=group, dist=dist, stages=stages)
         stats.update(got)
         _quantize_layers(i, group, linears, stats, config, method, on_layer, report, _starved(group, stats, config),
                          dist)
@@ -210,26 +220,38 @@ def _calibrate_block(block, linears, inputs, device, config, method, on_layer, i
     return stats, groups, inputs, {n for group in groups for n in group}
 
 
-def _collect(block, linears, inputs, device, dtype, stop_after=None, outputs: Activations | None = None,
-             dist: Dist | None = None):
-    with torch.no_grad(), StatsCollector(linears, dtype, stop_after) as col:
+def _autocast(device, amp: torch.dtype | None):
+    """The forwards' matmuls in `amp` (bf16) where asked; hidden states between blocks stay fp32."""
+    return torch.autocast(torch.device(device).type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
+
+def _collect(block, linears, inputs, device, amp, dtype, stop_after=None, outputs: Activations | None = None,
+             dist: Dist | None = None, stages: list | None = None, label: str | None = None):
+    """One calibration pass over `inputs` with hooks on `linears` (cut short after `stop_after`); its
+    timings are appended to `stages` (under `label`, default the layers' names)."""
+    t0 = time.perf_counter()
+    with torch.no_grad(), _autocast(device, amp), StatsCollector(linears, dtype, stop_after) as col:
         for hidden, kwargs in inputs:
             col.new_batch()
             try:
                 out = block(hidden.to(device), **to_device(kwargs, device))
                 if outputs is not None:
-                    outputs.append(block_output(out))
+                    outputs.append(block_output(out).to(hidden.dtype))
             except StopForward:
                 pass
         if dist is not None:
             col.reduce(dist)  # every rank's share of the windows summed (fp64)
+    if stages is not None:
+        stages.append({"layers": label or sorted(linears),
+                       "forward_s": time.perf_counter() - t0 - col.hessian_seconds,
+                       "hessian_s": col.hessian_seconds})
     return col.finish(), col.groups(), outputs
 
 
-def _forward(block, inputs: Activations, device, outputs: Activations) -> Activations:
-    with torch.no_grad():
+def _forward(block, inputs: Activations, device, amp, outputs: Activations) -> Activations:
+    with torch.no_grad(), _autocast(device, amp):
         for h, kw in inputs:
-            outputs.append(block_output(block(h.to(device), **to_device(kw, device))))
+            outputs.append(block_output(block(h.to(device), **to_device(kw, device))).to(h.dtype))
     return outputs
 
 
@@ -310,7 +332,7 @@ def _summarise(report, seconds, device, calibration, mem: PeakMemory) -> dict:
         "quantized_params": sum(r["shape"][0] * r["shape"][1] for r in report.layers),
         "quant_seconds": seconds, "solve_seconds": sum(r["seconds"] for r in report.layers),
         "profile_seconds": {k: sum(b.get(k, 0.0) for b in report.blocks)
-                            for k in ("read_s", "forwards_s", "solve_s", "propagate_s", "write_s")},
+                            for k in ("read_s", "forwards_s", "hessian_s", "solve_s", "propagate_s", "write_s")},
         "peak_memory_bytes": mem.peak, "peak_rss_bytes": mem.peak_rss, "peak_gpu_bytes": mem.peak_gpu,
         "device": str(device),
         "calibration": None if calibration is None else {
