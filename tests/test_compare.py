@@ -82,3 +82,48 @@ def test_compare_cli_defaults_score_the_five_tasks_on_a_seeded_subset():
     assert grid.task_limit == 100 and len(grid.configs) == 3
     whole = _grid_from_args(build_parser().parse_args(["compare", "--limit", "0", "--tasks", ""]))
     assert whole.task_limit is None and whole.tasks == ()
+
+
+def test_threads_enter_the_key_only_when_set():
+    d = {**QuantConfig(method="gptq", bits=3, group_size=64).to_dict(), "propagate": "quantized"}
+    plain = entry_key(Grid(configs=[]), d, "abc")
+    assert plain == entry_key(Grid(configs=[], threads=None), d, "abc")  # entries cached before stay found
+    assert len({plain, entry_key(Grid(configs=[], threads=1), d, "abc"),
+                entry_key(Grid(configs=[], threads=2), d, "abc")}) == 3
+    two_pass = {**d, "true_sequential": False, "options": {"forward_dtype": "bf16"}}
+    assert label_of(two_pass) == "gptq W3 g64 two-pass forward_dtype=bf16"
+
+
+def test_seeds_run_the_grid_once_per_seed_and_report_the_spread(monkeypatch, tmp_path):
+    from lopro import compare
+
+    seen = []
+
+    def fake_run_grid(grid, out_dir, propagate, progress, table_name):
+        seen.append((grid.seed, [c if c == FP else c.seed for c in grid.configs], table_name))
+        res = compare.GridResults(
+            {"label": label_of({"method": FP} if c == FP else c.to_dict()), "effective_bits": 3.3,
+             "ppl": {"wiki": 20.0 if c == FP else 60.0 + grid.seed}, "quant_seconds": 1.0} for c in grid.configs)
+        res.failures = [{"label": "x", "error": "boom"}] if grid.seed == 2 else []
+        return res
+
+    monkeypatch.setattr(compare, "run_grid", fake_run_grid)
+    grid = Grid(configs=[FP, QuantConfig(method="gptq", bits=3, group_size=64)], eval_data=("wiki",))
+    results, rows = compare.run_seeds(grid, [0, 1, 2], tmp_path)
+    assert seen == [(0, [FP, 0], "results-seed0"), (1, [FP, 1], "results-seed1"), (2, [FP, 2], "results-seed2")]
+    assert len(results) == 6 and results.failures == [{"label": "x", "error": "boom"}]
+    by = {r["label"]: r for r in rows}
+    assert by["fp"]["ppl"]["wiki"]["std"] == 0.0
+    g = by["gptq W3 g64"]["ppl"]["wiki"]
+    assert (g["mean"], g["std"], g["min"], g["max"]) == (61.0, 1.0, 60.0, 62.0) and g["values"] == [60.0, 61.0, 62.0]
+    table = compare.spread_table(rows, grid)
+    assert "| gptq W3 g64 | 3.300 | 0,1,2 | 61.00 ± 1.00 (60.00-62.00) | 1 |" in table
+
+
+def test_compare_refuses_bad_seeds_and_options_before_work(tmp_path):
+    from lopro.cli import main
+
+    assert main(["compare", "--methods", "gptq", "--seeds", "0,x", "--out", str(tmp_path / "a")]) == 2
+    assert main(["compare", "--methods", "gptq", "--seeds", "1,1", "--out", str(tmp_path / "b")]) == 2
+    assert main(["compare", "--methods", "gptq", "--option", "forward_dtype=fp16", "--out", str(tmp_path / "c")]) == 2
+    assert not any(tmp_path.iterdir())

@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -180,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--propagate", choices=["fp", "quantized"], default="quantized",
                    help="fp: share the fp model's statistics across all entries (fast); quantized: GPTQ-style")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seeds", default=None, help="comma list: run the grid once per calibration seed and report "
+                   "each perplexity's mean and standard deviation (overrides --seed)")
+    c.add_argument("--threads", type=_at_least(1), default=None, help="torch threads (recorded in each entry's key)")
+    c.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="option for every configuration (repeatable), e.g. --option forward_dtype=fp32")
     c.add_argument("--device", type=_device_arg, default=None)
     c.add_argument("--out", default="compare-results")
 
@@ -331,22 +337,43 @@ def _grid_from_args(a):
             continue
         for bits in (int(b) for b in a.bits.split(",")):
             spec = get_method(method)
-            options = {"rank_mode": "auto"} if a.rank == "auto" and spec.takes("rank_mode") else {}
+            options = parse_options(a.option)
+            if a.rank == "auto" and spec.takes("rank_mode"):
+                options.setdefault("rank_mode", "auto")
             configs.append(QuantConfig(method=method, bits=bits, group_size=a.group_size,
                                        rank=16 if a.rank == "auto" else int(a.rank),
                                        rank_dtype=a.rank_dtype or spec.default_rank_dtype,
                                        seed=a.seed, options=options))
     return Grid(model=a.model, configs=configs, calib_data=a.calib_data, nsamples=a.nsamples, seqlen=a.seqlen,
                 seed=a.seed, eval_data=tuple(a.data.split(",")), eval_windows=a.windows or None,
-                tasks=tuple(t for t in a.tasks.split(",") if t), task_limit=a.limit or None, device=a.device)
+                tasks=tuple(t for t in a.tasks.split(",") if t), task_limit=a.limit or None, device=a.device,
+                threads=a.threads)
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds expects a comma list of integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds needs distinct integers, got {text!r}")
+    return seeds
 
 
 def cmd_compare(a) -> dict:
-    from lopro.compare import markdown_table, run_grid
+    from lopro.compare import markdown_table, run_grid, run_seeds, spread_table
 
     grid = _grid_from_args(a)
-    results = run_grid(grid, a.out, propagate=a.propagate)
-    sys.stdout.write(markdown_table(results, grid))
+    if a.seeds is not None:
+        seeds = _seed_list(a.seeds)
+        results, rows = run_seeds(grid, seeds, a.out, propagate=a.propagate)
+        table = spread_table(rows, grid)
+        (Path(a.out) / "spread.md").write_text(table)
+        (Path(a.out) / "spread.json").write_text(json.dumps(rows, indent=1))
+        sys.stdout.write(table)
+    else:
+        results = run_grid(grid, a.out, propagate=a.propagate)
+        sys.stdout.write(markdown_table(results, grid))
     if results.failures:
         raise PartialFailure(f"{len(results.failures)} of {len(grid.configs)} entries failed (the others are in "
                              f"{a.out}): " + "; ".join(f"{f['label']}: {f['error']}" for f in results.failures))

@@ -6,14 +6,17 @@ apart and never overwrites a finished entry.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from lopro._version import __version__
@@ -46,12 +49,15 @@ class Grid:
     task_limit: int | None = None
     batch_size: int = 8
     device: str | None = None
+    threads: int | None = None  # torch threads while the grid runs (None: as set); part of the key when set
 
 
 def entry_key(grid: Grid, cfg: dict, calib_sha: str) -> str:
     payload = {"model": grid.model, "config": cfg, "calib": calib_sha if cfg["method"] != FP else None,
                "eval": [grid.eval_data, grid.eval_seqlen, grid.eval_windows, grid.tasks, grid.task_limit,
                         grid.seed], "version": __version__}
+    if grid.threads is not None:  # fp32 results move with the thread count: a 1-thread entry is another entry
+        payload["threads"] = grid.threads
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -116,6 +122,8 @@ def label_of(cfg: dict) -> str:
     s = f"{cfg['method']} W{cfg['bits']} {g}"
     if cfg.get("rank") and get_method(cfg["method"]).lowrank:
         s += f" r{cfg['options'].get('rank_mode', cfg['rank'])}"
+    if not cfg.get("true_sequential", True):
+        s += " two-pass"
     extra = {k: v for k, v in cfg.get("options", {}).items() if k != "rank_mode"}
     return s + "".join(f" {k}={v}" for k, v in sorted(extra.items()))
 
@@ -136,6 +144,17 @@ def run_grid(grid: Grid, out_dir: str | Path, propagate: str = "fp", progress: b
         raise FileExistsError(f"--out {out_dir} exists and is not a lopro compare folder (no results.json); "
                               "choose another --out: compare adds its entries to a folder it made")
     store = ResultStore(out_dir)
+    threads = torch.get_num_threads()
+    if grid.threads is not None:
+        torch.set_num_threads(grid.threads)
+    try:
+        return _run_grid(grid, out_dir, store, propagate, progress, table_name)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_grid(grid: Grid, out_dir: Path, store: "ResultStore", propagate: str, progress: bool,
+              table_name: str) -> GridResults:
     tok, path = load_tokenizer(grid.model)
     calib = calibration_windows(tokenize_split(tok, grid.calib_data, "calib"), grid.nsamples, grid.seqlen, grid.seed)
     calib_sha = fingerprint(calib)
@@ -196,6 +215,51 @@ def _run_one(grid: Grid, d: dict, label: str, calib, evals, stats_dir, tok, prog
         entry["zeroshot"] = zs
     log.info("%s: bits %.3f ppl %s", label, entry["effective_bits"], entry["ppl"])
     return entry
+
+
+def run_seeds(grid: Grid, seeds: list[int], out_dir: str | Path, propagate: str = "fp", progress: bool = True
+              ) -> tuple[GridResults, list[dict]]:
+    """`run_grid` once per seed (the calibration windows' draw and every method's own seed); returns every
+    entry (failures of all seeds in `.failures`) and one row per configuration with each perplexity's
+    mean, sample standard deviation, minimum and maximum over the seeds that finished."""
+    everything = GridResults()
+    everything.failures = []
+    by_label: dict[str, list[dict]] = {}
+    for seed in seeds:
+        g = dataclasses.replace(grid, seed=seed, configs=[
+            c if c == FP else dataclasses.replace(c, seed=seed) for c in grid.configs])
+        res = run_grid(g, out_dir, propagate=propagate, progress=progress, table_name=f"results-seed{seed}")
+        everything.extend(res)
+        everything.failures.extend(res.failures)
+        for r in res:
+            by_label.setdefault(r["label"], []).append({**r, "seed": seed})
+    rows = []
+    for label, runs in by_label.items():
+        ppl = {}
+        for corpus in grid.eval_data:
+            v = [r["ppl"][corpus] for r in runs]
+            ppl[corpus] = {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+                           "min": min(v), "max": max(v), "values": v}
+        rows.append({"label": label, "effective_bits": runs[0]["effective_bits"], "seeds": [r["seed"] for r in runs],
+                     "ppl": ppl, "quant_seconds": statistics.fmean(r["quant_seconds"] for r in runs)})
+    return everything, rows
+
+
+def spread_table(rows: list[dict], grid: Grid) -> str:
+    corpora = list(grid.eval_data)
+    head = ["method", "eff. bits", "seeds"] + [f"ppl {c}: mean ± sd (min-max)" for c in corpora] + ["quant s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        row = [r["label"], f"{r['effective_bits']:.3f}", ",".join(map(str, r["seeds"]))]
+        row += [f"{p['mean']:.2f} ± {p['std']:.2f} ({p['min']:.2f}-{p['max']:.2f})"
+                for p in (r["ppl"][c] for c in corpora)]
+        row.append(f"{r['quant_seconds']:.0f}")
+        lines.append("| " + " | ".join(row) + " |")
+    note = (f"\nModel {grid.model}; each seed draws its own {grid.nsamples} x {grid.seqlen} calibration tokens of "
+            f"`{grid.calib_data}` and seeds the method; perplexity at seqlen {grid.eval_seqlen} on the same "
+            f"evaluation windows ({grid.eval_windows or 'all'}); sd is the sample standard deviation"
+            + (f"; {grid.threads} thread(s)" if grid.threads else "") + ".\n")
+    return "\n".join(lines) + "\n" + note
 
 
 def markdown_table(results: list[dict], grid: Grid) -> str:
