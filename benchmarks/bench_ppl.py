@@ -110,7 +110,16 @@ def forwards():
     return configs
 
 
-SUITES = {"foundation": foundation, "forwards": forwards, "ladder": ladder, "vq": vq, "default-mode": default_mode,
+def spread():
+    """Issue 16's spread over seeds and threads, with the default forwards (and fp32 forwards beside them)."""
+    configs = []
+    for method, bits in (("gptq", 3), ("lopro", 2), ("lopro", 3)):
+        r = {"rank": 16} if method == "lopro" else {}
+        configs += [q(method, bits, 64, **r, options={"forward_dtype": fwd}) for fwd in ("fp32", "bf16")]
+    return configs
+
+
+SUITES = {"foundation": foundation, "forwards": forwards, "spread": spread, "ladder": ladder, "vq": vq, "default-mode": default_mode,
           "ladder-default": ladder_default}
 
 
@@ -129,6 +138,9 @@ def main(argv=None):
                         "so N processes can share the machine; --table merges them")
     p.add_argument("--skip-suite", default=None, help="leave out the configurations of this suite")
     p.add_argument("--table", action="store_true", help="print the suite's table from all result folders")
+    p.add_argument("--seeds", default=None, help="comma list: run the suite per calibration seed, report the spread")
+    p.add_argument("--grid-threads", type=int, default=None,
+                   help="threads recorded in each entry's key (a 1-thread entry is not a 2-thread one)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if a.threads:
@@ -140,9 +152,20 @@ def main(argv=None):
     if a.shard:
         k, n = (int(x) for x in a.shard.split("/"))
         configs = configs[k::n]
-    grid = Grid(model=a.model, configs=configs, nsamples=a.nsamples, seqlen=a.seqlen, eval_windows=a.windows or None)
+    grid = Grid(model=a.model, configs=configs, nsamples=a.nsamples, seqlen=a.seqlen, eval_windows=a.windows or None,
+                threads=a.grid_threads)
     root = Path(__file__).parent / "results"
     out = Path(a.out or root / ("smollm2" + (f"-shard{a.shard.replace('/', 'of')}" if a.shard else "")))
+    if a.seeds:  # the spread over calibration seeds (lopro compare --seeds)
+        from lopro.compare import run_seeds, spread_table
+
+        _, rows = run_seeds(grid, [int(x) for x in a.seeds.split(",")], out, propagate=a.propagate)
+        table = spread_table(rows, grid)
+        sys.stdout.write(table)
+        name = f"{a.suite}-seeds" + (f"-threads{a.grid_threads}" if a.grid_threads else "")
+        (out / f"{name}.md").write_text(table)
+        (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+        return
     if a.table:
         results = merged_results(grid, root, a.propagate)
     else:

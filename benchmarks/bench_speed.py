@@ -28,19 +28,24 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 
-# (name, method, bits, rank, options); the first is compared with llm-compressor's GPTQ at the same bits
+# name -> QuantConfig fields (group size from --group-size); "gptq-w3" is compared with llm-compressor's GPTQ W3
 LOPRO_JOBS = {
-    "gptq-w3": ("gptq", 3, 0, {}),
-    "gptq-w2": ("gptq", 2, 0, {}),
-    "lopro-w2": ("lopro", 2, 16, {}),
-    "lopro-v-w2": ("lopro-v", 2, 16, {}),
-    "gptq-w3-fp32": ("gptq", 3, 0, {"forward_dtype": "fp32"}),
+    "gptq-w3": {"method": "gptq", "bits": 3},
+    "gptq-w2": {"method": "gptq", "bits": 2},
+    "lopro-w2": {"method": "lopro", "bits": 2, "rank": 16},
+    "lopro-v-w2": {"method": "lopro-v", "bits": 2, "rank": 16},
+    "gptq-w3-fp32": {"method": "gptq", "bits": 3, "options": {"forward_dtype": "fp32"}},
+    "gptq-w3-two-pass": {"method": "gptq", "bits": 3, "true_sequential": False},
+    "gptq-w3-h64": {"method": "gptq", "bits": 3, "options": {"hessian_dtype": "fp64"}},
 }
 RATIOS = [  # (numerator, denominator, the limit)
     ("gptq-w3", "llmc-gptq-w3", 0.8),
     ("lopro-w2", "gptq-w2", 1.10),
     ("lopro-v-w2", "lopro-w2", 1.5),
     ("gptq-w3-fp32", "llmc-gptq-w3", None),
+    ("gptq-w3-fp32", "gptq-w3", None),
+    ("gptq-w3-two-pass", "gptq-w3", None),
+    ("gptq-w3-h64", "gptq-w3", None),
 ]
 
 
@@ -66,10 +71,9 @@ def lopro_job(name: str, folder: str, calib_path: str, group: int, batch: int, t
     from lopro import QuantConfig, quantize
     from lopro.io.loading import load_model
 
-    method, bits, rank, options = LOPRO_JOBS[name]
     model, _, _ = load_model(folder, device="cpu")
     calib = torch.load(calib_path)
-    cfg = QuantConfig(method=method, bits=bits, group_size=group, rank=rank or 16, options=options)
+    cfg = QuantConfig(group_size=group, **LOPRO_JOBS[name])
     t0 = time.perf_counter()
     _, report = quantize(model, cfg, calib, batch_size=batch, device="cpu", pack=True, progress=False)
     seconds = time.perf_counter() - t0

@@ -21,7 +21,7 @@ class PipelineOptions:
     """Options of the pipeline itself, valid with every method (``--option KEY=VALUE``)."""
 
     hessian_dtype: str = opt("fp32", str, ("fp32", "fp64"), doc="dtype X^T X is accumulated in")
-    forward_dtype: str = opt("fp32", str, FORWARD_DTYPES,
+    forward_dtype: str = opt("auto", str, FORWARD_DTYPES,
                              doc="dtype of the calibration and propagation forwards' matmuls (autocast); "
                                  "auto = bf16 where the device computes bf16 natively")
     starved_expert_hessian: str = opt(STARVED_EXPERT_HESSIANS[0], str, STARVED_EXPERT_HESSIANS,

@@ -76,7 +76,8 @@ def reference_quantize(model, cfg, ids):
 def test_pipeline_equals_per_layer_reference(method):
     model = tiny_llama()
     ids = calib()
-    cfg = QuantConfig(method=method, bits=3, group_size=16, rank=4, block_identity=16, block_hadamard=16)
+    cfg = QuantConfig(method=method, bits=3, group_size=16, rank=4, block_identity=16, block_hadamard=16,
+                      options={"forward_dtype": "fp32"})  # the reference computes in fp32
     ref = reference_quantize(copy.deepcopy(model), cfg, ids)
     got, report = quantize(model, cfg, ids, batch_size=4, progress=False)
     for (n, p), (_, q) in zip(got.named_parameters(), ref.named_parameters()):
@@ -200,3 +201,26 @@ def test_profile_has_every_stage(true_sequential):
         assert len(stages) == 1 and len(stages[0]) == 7
     for b in report.blocks:
         assert abs(b["hessian_s"] - sum(s["hessian_s"] for s in b["stages"])) < 1e-9
+
+
+def test_a_block_that_cannot_run_under_autocast_is_calibrated_in_fp32_with_a_warning(caplog):
+    def fp32_buffer(mlp):  # a custom layer adding its (bf16 under autocast) result into an fp32 buffer
+        orig = mlp.forward
+
+        def forward(x):
+            out = torch.zeros(x.shape, dtype=torch.float32)
+            return out.index_add_(0, torch.arange(x.shape[0]), orig(x))
+        mlp.forward = forward
+
+    ids = calib()
+    weights = {}
+    for fwd in ("bf16", "fp32"):
+        model = tiny_llama()
+        for block in find_blocks(model)[1]:
+            fp32_buffer(block.mlp)
+        cfg = QuantConfig(method="gptq", bits=3, group_size=16, options={"forward_dtype": fwd})
+        _, report = quantize(model, cfg, ids, batch_size=2, progress=False)
+        assert report.summary["forward_dtype"] == "float32"
+        weights[fwd] = [p.detach().clone() for p in model.parameters()]
+    assert sum("calibrating in fp32 instead" in r.getMessage() for r in caplog.records) == 1
+    assert all(torch.equal(a, b) for a, b in zip(*weights.values()))

@@ -54,7 +54,7 @@ def quantize_residual(R: torch.Tensor, H: torch.Tensor, cfg, solver: str):
 def lowrank_residual(W, stats, cfg, solver: str = "gptq", rotation: str = "none", permute: bool = False):
     """The shared recipe; `rotation` is "none", "full" or "block" (b_I identity + b_H Hadamard blocks)."""
     n = W.shape[1]
-    H = stats.H.to(W.device, torch.float32)
+    H = stats.H.to(W.device, torch.float64 if stats.H.dtype == torch.float64 else torch.float32)  # fp64 stays
     alpha = input_scaling(stats.absmean.to(W.device))
     lr, W_r, _ = scaled_lowrank(W, alpha, cfg)
     R = W - W_r

@@ -153,6 +153,8 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
             home = next(block.parameters()).device
             block.to(device)
             linears = find_linears(block)
+            if amp is not None and i == start and inputs is not None:
+                amp = _probe_autocast(block, inputs, device, amp)
             stages: list[dict] = []  # per calibration forward: the layers it reached, its forward and Hessian seconds
             if calibration is None:
                 stats, groups, done = {}, [[n] for n in linears], set()
@@ -186,6 +188,7 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
             bar.set_postfix(bits=f"{_mean_bits(report):.3f}")
     report.summary = _summarise(report, time.perf_counter() - t_start, device, full_calibration, mem)
     report.summary["profile_seconds"]["capture_s"] = capture_s
+    report.summary["forward_dtype"] = str(amp or torch.float32).removeprefix("torch.")  # what "auto" resolved to
     report.summary["processes"] = dist.world
     report.summary["communication_seconds"] = dist.comm_seconds
     return model, report
@@ -227,6 +230,21 @@ def _autocast(device, amp: torch.dtype | None):
     if amp is None:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=amp, cache_enabled=False)
+
+
+def _probe_autocast(block, inputs: Activations, device, amp: torch.dtype) -> torch.dtype | None:
+    """`amp`, or None (fp32 forwards, with a warning) when the block's code cannot run under autocast (a custom
+    layer adding a bf16 result into an fp32 buffer in place, say): one batch through the first block."""
+    hidden, kwargs = inputs.head(1)[0]
+    try:
+        with torch.no_grad(), _autocast(device, amp):
+            block(hidden.to(device), **to_device(kwargs, device))
+    except RuntimeError as exc:
+        log.warning("this model's blocks do not run with %s forwards (%s); calibrating in fp32 instead "
+                    "(--option forward_dtype=fp32 says so up front)", str(amp).removeprefix("torch."),
+                    str(exc).splitlines()[0])
+        return None
+    return amp
 
 
 def _collect(block, linears, inputs, device, amp, dtype, stop_after=None, outputs: Activations | None = None,

@@ -28,7 +28,9 @@ def inverse_cholesky(H: torch.Tensor, damp_percent: float = 0.01, dead: torch.Te
     and it; 2 x 485 MB for a 7B down_proj) instead of four.
     """
     n = H.shape[0]
-    work = torch.empty(n, n, dtype=torch.float32, device=H.device)
+    # an fp64 H (hessian_dtype=fp64) is factored in fp64 and rounded to fp32 at the end: LAPACK's Cholesky
+    # differs in its last bits between thread counts, and fp64's differences vanish in that rounding
+    work = torch.empty(n, n, dtype=torch.float64 if H.dtype == torch.float64 else torch.float32, device=H.device)
     info = torch.empty((), dtype=torch.int32, device=H.device)
     damp = damp_percent
     diag = mean_diag = None
@@ -48,7 +50,7 @@ def inverse_cholesky(H: torch.Tensor, damp_percent: float = 0.01, dead: torch.Te
                 if attempt:
                     log.warning("Hessian needed damp_percent=%.3g (asked %.3g) to be positive definite",
                                 damp, damp_percent)
-                return work
+                return work.to(torch.float32)
         log.info("Cholesky failed with damp_percent=%.3g; retrying with 10x damping", damp)
         damp *= 10
     raise HessianError(
@@ -57,10 +59,10 @@ def inverse_cholesky(H: torch.Tensor, damp_percent: float = 0.01, dead: torch.Te
 
 
 def prepare(W: torch.Tensor, H: torch.Tensor, damp_percent: float = 0.01, with_inverse: bool = True):
-    """(fp32 copy of W with dead columns zeroed, H in fp32 (not copied when it is), the dead columns,
-    and the inverse-Cholesky factor or None)."""
+    """(fp32 copy of W with dead columns zeroed, H in fp32, or fp64 when it is (not copied when it is either),
+    the dead columns, and the inverse-Cholesky factor (fp32) or None)."""
     W = W.detach().to(torch.float32).clone()
-    H = H.detach().to(device=W.device, dtype=torch.float32)
+    H = H.detach().to(device=W.device, dtype=torch.float64 if H.dtype == torch.float64 else torch.float32)
     if not torch.isfinite(H).all():
         raise HessianError("Hessian contains NaN or inf; the calibration activations are not finite")
     dead = dead_columns(H)
