@@ -14,6 +14,7 @@ from lopro.methods.options import RankOptions, VQOptions
 from lopro.methods.rank import input_scaling, scaled_lowrank, vq_config
 from lopro.methods.registry import register
 from lopro.quant.gptq import gptq_quantize
+from lopro.quant.hessian import solve_dtype
 from lopro.quant.rtn import rtn_quantize
 
 
@@ -54,7 +55,7 @@ def quantize_residual(R: torch.Tensor, H: torch.Tensor, cfg, solver: str):
 def lowrank_residual(W, stats, cfg, solver: str = "gptq", rotation: str = "none", permute: bool = False):
     """The shared recipe; `rotation` is "none", "full" or "block" (b_I identity + b_H Hadamard blocks)."""
     n = W.shape[1]
-    H = stats.H.to(W.device, torch.float64 if stats.H.dtype == torch.float64 else torch.float32)  # fp64 stays
+    H = stats.H.to(W.device, solve_dtype(stats.H))
     alpha = input_scaling(stats.absmean.to(W.device))
     lr, W_r, _ = scaled_lowrank(W, alpha, cfg)
     R = W - W_r

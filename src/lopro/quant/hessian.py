@@ -14,6 +14,11 @@ class HessianError(ValueError):
     """The Hessian cannot be factorised even with heavy damping."""
 
 
+def solve_dtype(H: torch.Tensor) -> torch.dtype:
+    """The dtype a Hessian is worked in: fp64 when accumulated in fp64 (hessian_dtype=fp64), else fp32."""
+    return torch.float64 if H.dtype == torch.float64 else torch.float32
+
+
 def dead_columns(H: torch.Tensor) -> torch.Tensor:
     """Columns that never saw a non-zero input: their weights cannot matter."""
     return torch.diag(H) == 0
@@ -30,7 +35,7 @@ def inverse_cholesky(H: torch.Tensor, damp_percent: float = 0.01, dead: torch.Te
     n = H.shape[0]
     # an fp64 H (hessian_dtype=fp64) is factored in fp64 and rounded to fp32 at the end: LAPACK's Cholesky
     # differs in its last bits between thread counts, and fp64's differences vanish in that rounding
-    work = torch.empty(n, n, dtype=torch.float64 if H.dtype == torch.float64 else torch.float32, device=H.device)
+    work = torch.empty(n, n, dtype=solve_dtype(H), device=H.device)
     info = torch.empty((), dtype=torch.int32, device=H.device)
     damp = damp_percent
     diag = mean_diag = None
@@ -62,7 +67,7 @@ def prepare(W: torch.Tensor, H: torch.Tensor, damp_percent: float = 0.01, with_i
     """(fp32 copy of W with dead columns zeroed, H in fp32, or fp64 when it is (not copied when it is either),
     the dead columns, and the inverse-Cholesky factor (fp32) or None)."""
     W = W.detach().to(torch.float32).clone()
-    H = H.detach().to(device=W.device, dtype=torch.float64 if H.dtype == torch.float64 else torch.float32)
+    H = H.detach().to(device=W.device, dtype=solve_dtype(H))
     if not torch.isfinite(H).all():
         raise HessianError("Hessian contains NaN or inf; the calibration activations are not finite")
     dead = dead_columns(H)
