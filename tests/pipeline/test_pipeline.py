@@ -224,3 +224,22 @@ def test_a_block_that_cannot_run_under_autocast_is_calibrated_in_fp32_with_a_war
         weights[fwd] = [p.detach().clone() for p in model.parameters()]
     assert sum("calibrating in fp32 instead" in r.getMessage() for r in caplog.records) == 1
     assert all(torch.equal(a, b) for a, b in zip(*weights.values()))
+
+
+@pytest.mark.parametrize("method", ["gptq", "lopro"])
+def test_packing_propagates_what_fake_quantization_does(method):
+    """The packer keeps each quantized layer's dense dequantized weight for the rest of its block and swaps
+    the QuantLinear in at the block's end: packed and fake-quantized runs see the same activations, so
+    their dense weights are identical (not merely close), and every layer ends up packed."""
+    from lopro.model.surgery import packer
+    from lopro.nn.qlinear import QuantLinear
+
+    cfg = QuantConfig(method=method, bits=2, group_size=32, rank=4, block_identity=16, block_hadamard=16)
+    fake, _ = quantize(tiny_llama(), cfg, calib(), progress=False)
+    model, kept = tiny_llama(), {}
+    packed, _ = quantize(model, cfg, calib(), on_layer=packer(model, keep_weights=kept), progress=False)
+    fake_blocks, packed_blocks = fake.model.layers, packed.model.layers
+    assert len(kept) == 2 * 7
+    for (i, name), w in kept.items():
+        assert torch.equal(w, fake_blocks[i].get_submodule(name).weight), (i, name)
+        assert isinstance(packed_blocks[i].get_submodule(name), QuantLinear)

@@ -16,38 +16,48 @@ def get_submodule_parent(model: nn.Module, full_name: str) -> tuple[nn.Module, s
     return (model.get_submodule(parent_name) if parent_name else model), attr
 
 
-def pack_layer(model: nn.Module, block_index: int, name: str, module: nn.Module, result,
-               compute_dtype: torch.dtype | None = None, blocks: nn.ModuleList | None = None) -> QuantLinear:
-    """Replace the nn.Linear `name` of block `block_index` by a QuantLinear built from `result`.
+class Packer:
+    """The pipeline's `on_layer` for packed output (``quantize(..., on_layer=packer(model))``).
 
-    Use as the pipeline's callback: ``quantize(model, cfg, calib, on_layer=packer(model))``.
-    `blocks` (the model's decoder blocks) must be given once packing has started: block discovery
-    looks for nn.Linear layers, which packing removes.
+    A layer quantized mid-block keeps computing with its dequantized dense weight (fake quantization,
+    as GPTQModel and llm-compressor calibrate) until the block's later stages and its propagation are
+    done; the pipeline then calls :meth:`end_block`, which swaps in the packed QuantLinear layers. The
+    dense weight is the block's own (overwritten in place) and the packed tensors are built at once, so
+    this costs no memory; what it saves is running LoPRo's permutation, rotation and low-rank branch,
+    and every format's unpacking, on every calibration batch. Packing and fake quantization therefore
+    propagate the same activations and produce the same codes.
+
+    With `keep_weights` (a dict) each result's dense weight is also recorded under
+    ``(block_index, name)`` (for comparisons with fake quantization).
     """
-    if blocks is None:
-        _, blocks = find_blocks(model)
-    parent, attr = get_submodule_parent(blocks[block_index], name)
-    current = getattr(parent, attr)
-    if current is not module:
-        raise ValueError(f"block {block_index} {name}: the module to replace is not the one quantized")
-    bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-    qlin = QuantLinear.from_result(result, bias=bias, compute_dtype=compute_dtype)
-    device = module.weight.device
-    setattr(parent, attr, qlin.to(device))
-    return qlin
+
+    def __init__(self, model: nn.Module, compute_dtype: torch.dtype | None = None, keep_weights: dict | None = None):
+        self.model = model
+        self.compute_dtype = compute_dtype
+        self.keep_weights = keep_weights
+        _, self.blocks = find_blocks(model)  # before packing starts: discovery looks for nn.Linear layers
+        self.pending: dict[int, list] = {}
+
+    def __call__(self, block_index, name, module, result) -> None:
+        if self.keep_weights is not None:
+            self.keep_weights[(block_index, name)] = result.weight.detach().cpu().clone()
+        bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+        qlin = QuantLinear.from_result(result, bias=bias, compute_dtype=self.compute_dtype).to(module.weight.device)
+        module.weight.data.copy_(result.weight.to(module.weight.dtype))
+        self.pending.setdefault(block_index, []).append((name, module, qlin))
+
+    def end_block(self, block_index: int) -> None:
+        """Swap the block's quantized layers for their packed QuantLinear modules."""
+        for name, module, qlin in self.pending.pop(block_index, []):
+            parent, attr = get_submodule_parent(self.blocks[block_index], name)
+            if getattr(parent, attr) is not module:
+                raise ValueError(f"block {block_index} {name}: the module to replace is not the one quantized")
+            setattr(parent, attr, qlin.to(module.weight.device))
 
 
-def packer(model: nn.Module, compute_dtype: torch.dtype | None = None, keep_weights: dict | None = None):
-    """An `on_layer` callback packing every layer; with `keep_weights` (a dict) also records each
-    result's dense weight under ``(block_index, name)`` (for comparisons with fake quantization)."""
-    _, blocks = find_blocks(model)
-
-    def on_layer(block_index, name, module, result):
-        if keep_weights is not None:
-            keep_weights[(block_index, name)] = result.weight.detach().cpu().clone()
-        pack_layer(model, block_index, name, module, result, compute_dtype, blocks)
-
-    return on_layer
+def packer(model: nn.Module, compute_dtype: torch.dtype | None = None, keep_weights: dict | None = None) -> Packer:
+    """An `on_layer` callback packing every layer at the end of its block (see :class:`Packer`)."""
+    return Packer(model, compute_dtype, keep_weights)
 
 
 def quant_linear_specs(model: nn.Module) -> dict[str, dict]:
@@ -73,5 +83,5 @@ def install_quant_linears(model: nn.Module, specs: dict[str, dict], device: torc
         setattr(parent, attr, QuantLinear(spec, device=device, compute_dtype=compute_dtype))
 
 
-__all__ = ["get_submodule_parent", "pack_layer", "packer", "quant_linear_specs", "install_quant_linears",
+__all__ = ["Packer", "get_submodule_parent", "packer", "quant_linear_specs", "install_quant_linears",
            "set_compute_dtype"]

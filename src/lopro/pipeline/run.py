@@ -97,7 +97,8 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
     calibration: [nsamples, seqlen] token ids (may be None only for methods without a Hessian).
     on_layer(block_index, name, module, result): what to do with each result; default replaces the
     weight by the dequantized one (fake quantization); `pack=True` instead replaces each layer by its
-    packed QuantLinear (what `lopro.save` writes).
+    packed QuantLinear (what `lopro.save` writes). An `on_layer` with an ``end_block(block_index)``
+    method has it called once the block's propagation is done (the packer swaps its layers in then).
     stats_cache: with propagate="fp", a folder where the fp model's statistics are reused across runs.
     io: where blocks are read from and written to (default: all in memory, see BlockIO).
     dist: the process group under torchrun (lopro.pipeline.distributed); `calibration` is then the whole
@@ -127,6 +128,7 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
 
             on_layer = packer(model)
         on_layer = on_layer or _replace_weight
+        end_block = getattr(on_layer, "end_block", None)
         _, blocks = find_blocks(model)
         report = QuantReport(config.to_dict())
         t_start = time.perf_counter()
@@ -173,6 +175,8 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
             t2 = time.perf_counter()
             if inputs is not None and config.propagate == "quantized":
                 inputs = _forward(block, inputs, device, amp, io.next_activations(i, inputs))
+            if end_block is not None:
+                end_block(i)
             t3 = time.perf_counter()
             refuse_experts(block)  # back to the fused layout unless experts were packed
             block.to(home)
