@@ -95,7 +95,8 @@ def test_flat_amax_curve_stops():
 
 
 def test_without_rules_it_is_r1svd():
-    A = torch.randn(80, 4, generator=_gen(3)) @ torch.randn(4, 64, generator=_gen(4)) + 0.01 * torch.randn(80, 64)
+    A = torch.randn(80, 4, generator=_gen(3)) @ torch.randn(4, 64, generator=_gen(4)) \
+        + 0.01 * torch.randn(80, 64, generator=_gen(5))
     for storage in ("fp16", "fp8", "fp32"):
         lr, info = flexible_rank(A, 3, max_rank=6, rules=(), storage=storage)
         assert info["stop_rule"] == "max_rank" and lr.storage == storage

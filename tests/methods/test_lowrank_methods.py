@@ -4,7 +4,7 @@ import torch
 from lopro.config import QuantConfig
 from lopro.methods import get_method
 from lopro.methods.base import LayerStats
-from lopro.methods.lowrank import input_scaling, rotate_hessian, salience_permutation
+from lopro.methods.lowrank import input_scaling, permute_hessian, rotate_hessian, salience_permutation
 from lopro.linalg import BlockRotation
 from lopro.quant.bits import paper_bits
 
@@ -101,3 +101,10 @@ def test_rotated_hessian_in_slices_is_bit_identical(rot):
     mine = H.clone()
     out = rotate_hessian(mine, rot, rows=50, inplace=True)
     assert torch.equal(out, whole) and out.data_ptr() == mine.data_ptr()
+
+
+def test_permuted_hessian_in_one_buffer_is_bit_identical():
+    X = torch.randn(400, 300, generator=torch.Generator().manual_seed(0))
+    H = X.T @ X / 400
+    perm = torch.randperm(300, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(permute_hessian(H, perm, rows=64), H.index_select(0, perm).index_select(1, perm))

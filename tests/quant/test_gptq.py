@@ -92,3 +92,47 @@ def test_non_finite_hessian_is_refused():
     H[0, 0] = float("nan")
     with pytest.raises(HessianError, match="NaN"):
         gptq_quantize(torch.randn(4, 8), H, 4, -1)
+
+
+def _plain_inverse_cholesky(H, damp):
+    A = H.clone()
+    A.diagonal().add_(damp * torch.diag(H).mean())
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(A)), upper=True)
+
+
+@pytest.mark.parametrize("n", [1, 300, 700])  # 700: tiles of the in-place transpose that do not divide n
+def test_inverse_cholesky_in_one_buffer_has_the_plain_bits(n):
+    """Column-major work buffer, in-place transposes and the caller's scratch copy change no bit."""
+    H = random_hessian(n, tokens=2 * n + 8, seed=n)
+    want = _plain_inverse_cholesky(H, 0.01)
+    assert torch.equal(inverse_cholesky(H, 0.01), want)
+    for scratch in (H.clone(), H.clone().T.contiguous().T):  # row- or column-major copies
+        got = inverse_cholesky(scratch, 0.01, refill=H.clone)
+        assert torch.equal(got, want) and got.is_contiguous() and got.data_ptr() == scratch.data_ptr()
+
+
+def test_scratch_hessian_is_refilled_for_a_retry(caplog):
+    n = 16
+    v = torch.randn(n, 1, generator=torch.Generator().manual_seed(0))
+    H = v @ v.T
+    H -= 0.05 * torch.diag(H).mean() * torch.eye(n)  # 1% damping fails, 10% works
+    calls = []
+
+    def refill():
+        calls.append(1)
+        return H.clone()
+
+    with caplog.at_level("WARNING"):
+        got = inverse_cholesky(H.clone(), 0.01, refill=refill)
+    assert calls and torch.equal(got, inverse_cholesky(H, 0.01))
+    W = torch.randn(8, n, generator=torch.Generator().manual_seed(1))
+    a, b = gptq_quantize(W, H, 3, 8), gptq_quantize(W, H.clone(), 3, 8, refill=H.clone)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
+
+
+def test_dequantize_in_column_slabs_has_the_whole_bits():
+    W = torch.randn(40, 300, generator=torch.Generator().manual_seed(2))
+    q = gptq_quantize(W, random_hessian(300, seed=3), 3, 64, act_order=True)  # g_idx not in column order
+    idx = q.g_idx
+    whole = q.scale[:, idx] * (q.codes.float() - q.zero[:, idx])
+    assert torch.equal(q.dequantize(cols=7), whole) and torch.equal(q.dequantize(), whole)

@@ -40,8 +40,18 @@ def rotate_hessian(H: torch.Tensor, rot: BlockRotation, rows: int = 1024, inplac
     return A.T
 
 
-def quantize_residual(R: torch.Tensor, H: torch.Tensor, cfg, solver: str):
-    """Scalar RTN or GPTQ, or GPTVQ (`solver="gptvq"`); all results expose dequantize/storage_bits."""
+def permute_hessian(H: torch.Tensor, perm: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """``H[perm][:, perm]`` (the same bits) in one new n x n buffer, where chained indexing holds two:
+    the columns are gathered whole, then the rows a slab of columns at a time."""
+    A = H.index_select(1, perm)
+    for c in range(0, A.shape[0], rows):  # column c of the result is column c of A gathered by perm
+        A[:, c:c + rows] = A[:, c:c + rows].index_select(0, perm)
+    return A
+
+
+def quantize_residual(R: torch.Tensor, H: torch.Tensor, cfg, solver: str, refill=None):
+    """Scalar RTN or GPTQ, or GPTVQ (`solver="gptvq"`); all results expose dequantize/storage_bits.
+    `refill`: H is the caller's scratch copy, see gptq_quantize."""
     if solver == "rtn":
         return rtn_quantize(R, cfg.bits, cfg.group_size, cfg.sym, cfg.mse)
     if solver == "gptvq":
@@ -49,7 +59,7 @@ def quantize_residual(R: torch.Tensor, H: torch.Tensor, cfg, solver: str):
 
         return gptvq_quantize(R, H, vq_config(cfg, R.shape[1]))
     return gptq_quantize(R, H, cfg.bits, cfg.group_size, cfg.sym, cfg.mse, act_order=False,
-                         damp_percent=cfg.damp_percent, blocksize=cfg.blocksize)
+                         damp_percent=cfg.damp_percent, blocksize=cfg.blocksize, refill=refill)
 
 
 def lowrank_residual(W, stats, cfg, solver: str = "gptq", rotation: str = "none", permute: bool = False):
@@ -60,16 +70,25 @@ def lowrank_residual(W, stats, cfg, solver: str = "gptq", rotation: str = "none"
     lr, W_r, _ = scaled_lowrank(W, alpha, cfg)
     R = W - W_r
     perm = salience_permutation(H, R) if permute else None
-    if perm is not None:
-        R, H = R[:, perm], H.index_select(0, perm).index_select(1, perm)
     rot = None
     if rotation == "full":
         rot = BlockRotation.full(n)
     elif rotation == "block":
         rot = BlockRotation(n, cfg.block_identity, cfg.block_hadamard)
-    if rot is not None:  # in place when H is already a copy of the statistics (permuted or widened)
-        R, H = rot.apply(R), rotate_hessian(H, rot, inplace=perm is not None or H is not stats.H)
-    q = quantize_residual(R, H, cfg, solver)
+    if perm is not None:
+        R = R[:, perm]
+    if rot is not None:
+        R = rot.apply(R)
+    refill = None
+    if perm is not None or rot is not None:  # H' = Q^T P^T H P Q in one n x n buffer of its own, which GPTQ
+        source = H                             # factors in place (refilled from the statistics for a retry)
+
+        def rotated() -> torch.Tensor:
+            A = permute_hessian(source, perm) if perm is not None else source.clone()
+            return rotate_hessian(A, rot, inplace=True) if rot is not None else A
+
+        H, refill = rotated(), rotated
+    q = quantize_residual(R, H, cfg, solver, refill)
     del R, H
     residual = q.dequantize()
     if rot is not None:

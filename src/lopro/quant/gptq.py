@@ -13,11 +13,13 @@ from lopro.quant.rtn import ScalarQuant
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = -1, sym: bool = False,
                   mse: bool = False, act_order: bool = False, damp_percent: float = 0.01,
-                  blocksize: int = 128) -> ScalarQuant:
+                  blocksize: int = 128, refill=None) -> ScalarQuant:
     """Quantize W ([m, n]) against the proxy Hessian H ([n, n]) of its inputs.
 
     Groups are contiguous in processing order (act-order permutes first, as the reference code does),
     and the result is returned in the original column order with `g_idx` naming each column's group.
+    `refill` (a function returning H anew): H is the caller's scratch copy, factored in its own buffer
+    (hessian.inverse_cholesky), so that a rotated Hessian costs no second n x n matrix.
     """
     grid = Grid(bits, sym, mse)
     W, H, dead, _ = hessian.prepare(W, H, damp_percent, with_inverse=False)
@@ -26,7 +28,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int =
     if act_order:  # (indexing with the identity would copy H twice for nothing)
         perm = torch.argsort(torch.where(dead, 1.0, torch.diag(H)), descending=True)  # dead columns count as H_jj = 1
         W, H, dead = W[:, perm], H[perm][:, perm], dead[perm]
-    Hinv = hessian.inverse_cholesky(H, damp_percent, dead)
+    Hinv = hessian.inverse_cholesky(H, damp_percent, dead, None if act_order else refill)
     del H
     g = n if group_size == -1 else group_size
 

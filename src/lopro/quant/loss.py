@@ -7,16 +7,16 @@ import torch
 EXACT_FLOPS = 2**34  # above this many multiply-adds (m n^2), the report samples rows instead
 
 
-def _traces(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, rows: int, reference: bool):
+def _traces(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, rows: int, reference: bool, cols: int = 1024):
     loss = ref = 0.0
-    for r in range(0, W.shape[0], rows):  # fp64 in slices: a whole fp64 copy of a 7B down_proj would be 1.3 GB
-        w = W[r:r + rows].double()
+    for r in range(0, W.shape[0], rows):  # fp64 in slices: a whole fp64 copy of a 7B down_proj would be 1.3 GB,
+        w = W[r:r + rows].double()          # of its Hessian 970 MB (a slab of `cols` rows: 90 MB)
         dw = W_hat[r:r + rows].to(w.device).double() - w
-        for c in range(0, H.shape[0], 4096):
-            h = H[c:c + 4096].to(W.device).double()
-            loss += torch.sum((dw[:, c:c + 4096] @ h) * dw).item()
+        for c in range(0, H.shape[0], cols):
+            h = H[c:c + cols].to(W.device).double()
+            loss += torch.sum((dw[:, c:c + cols] @ h) * dw).item()
             if reference:
-                ref += torch.sum((w[:, c:c + 4096] @ h) * w).item()
+                ref += torch.sum((w[:, c:c + cols] @ h) * w).item()
     return loss, ref
 
 
