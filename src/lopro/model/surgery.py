@@ -32,7 +32,6 @@ class Packer:
     """
 
     def __init__(self, model: nn.Module, compute_dtype: torch.dtype | None = None, keep_weights: dict | None = None):
-        self.model = model
         self.compute_dtype = compute_dtype
         self.keep_weights = keep_weights
         _, self.blocks = find_blocks(model)  # before packing starts: discovery looks for nn.Linear layers
@@ -52,7 +51,7 @@ class Packer:
             parent, attr = get_submodule_parent(self.blocks[block_index], name)
             if getattr(parent, attr) is not module:
                 raise ValueError(f"block {block_index} {name}: the module to replace is not the one quantized")
-            setattr(parent, attr, qlin.to(module.weight.device))
+            setattr(parent, attr, qlin)  # built on the layer's device in __call__
 
 
 def packer(model: nn.Module, compute_dtype: torch.dtype | None = None, keep_weights: dict | None = None) -> Packer:

@@ -27,7 +27,7 @@ def dead_columns(H: torch.Tensor) -> torch.Tensor:
 
 def inverse_cholesky(H: torch.Tensor, damp_percent: float = 0.01, dead: torch.Tensor | None = None,
                      refill: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, as GPTQ uses it; H is not modified.
+    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, as GPTQ uses it; H is not modified (but see `refill`).
 
     `dead` columns (no input reached them) get H_jj = 1 first. If the factorisation fails, the
     damping is multiplied by 10 and retried (logged), up to MAX_DAMP_RETRIES times. Everything is

@@ -24,7 +24,7 @@ class ScalarQuant:
         of the weight's size: 720 MB for a 7B down_proj)."""
         idx = self.g_idx.to(self.codes.device)
         m, n = self.codes.shape
-        out = torch.empty(m, n, device=self.codes.device)
+        out = torch.empty(m, n, dtype=torch.float32, device=self.codes.device)
         for c in range(0, n, cols):
             j = idx[c:c + cols]
             out[:, c:c + cols] = dequantize(self.codes[:, c:c + cols].float(), self.scale[:, j], self.zero[:, j])
