@@ -111,12 +111,8 @@ def forwards():
 
 
 def spread():
-    """Issue 16's spread over seeds and threads, with the default forwards (and fp32 forwards beside them)."""
-    configs = []
-    for method, bits in (("gptq", 3), ("lopro", 2), ("lopro", 3)):
-        r = {"rank": 16} if method == "lopro" else {}
-        configs += [q(method, bits, 64, **r, options={"forward_dtype": fwd}) for fwd in ("fp32", "bf16")]
-    return configs
+    """Issue 16's spread over calibration seeds and thread counts, default settings (run once per --threads)."""
+    return [q("gptq", 3, 64), q("lopro", 2, 64, rank=16), q("lopro", 3, 64, rank=16)]
 
 
 SUITES = {"foundation": foundation, "forwards": forwards, "spread": spread, "ladder": ladder, "vq": vq, "default-mode": default_mode,

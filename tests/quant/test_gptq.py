@@ -4,7 +4,7 @@ import torch
 from conftest import random_hessian
 from lopro.quant.gptq import gptq_quantize
 from lopro.quant.grid import Grid, find_params, quantize
-from lopro.quant.hessian import HessianError, inverse_cholesky
+from lopro.quant.hessian import HessianError, inverse_cholesky, upper_inverse_factor_
 from lopro.quant.rtn import rtn_quantize
 
 
@@ -95,20 +95,59 @@ def test_non_finite_hessian_is_refused():
 
 
 def _plain_inverse_cholesky(H, damp):
-    A = H.clone()
-    A.diagonal().add_(damp * torch.diag(H).mean())
+    """GPTQ's reference route, in fp64: cholesky, cholesky_inverse, cholesky again."""
+    A = H.double()
+    A.diagonal().add_(damp * torch.diag(A).mean())
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(A)), upper=True)
 
 
-@pytest.mark.parametrize("n", [1, 300, 700])  # 700: tiles of the in-place transpose that do not divide n
-def test_inverse_cholesky_in_one_buffer_has_the_plain_bits(n):
-    """Column-major work buffer, in-place transposes and the caller's scratch copy change no bit."""
+@pytest.mark.parametrize("n", [1, 255, 300, 700])  # blocks of 256 that do not divide n; 700: transpose tiles too
+def test_inverse_cholesky_is_the_factor_of_the_inverse_in_one_buffer(n):
+    """Blocked factor == the reference route as closely as LAPACK's own fp32 route is, in the caller's scratch
+    copy, any layout."""
     H = random_hessian(n, tokens=2 * n + 8, seed=n)
     want = _plain_inverse_cholesky(H, 0.01)
-    assert torch.equal(inverse_cholesky(H, 0.01), want)
+    A = H.clone()
+    A.diagonal().add_(0.01 * torch.diag(A).mean())
+    lapack = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(A)), upper=True)
+    got = inverse_cholesky(H, 0.01)
+    assert got.dtype == torch.float32 and torch.equal(got, got.triu())
+    assert (got.double() - want).norm() <= 2 * (lapack.double() - want).norm() + 1e-7 * want.norm()
     for scratch in (H.clone(), H.clone().T.contiguous().T):  # row- or column-major copies
-        got = inverse_cholesky(scratch, 0.01, refill=H.clone)
-        assert torch.equal(got, want) and got.is_contiguous() and got.data_ptr() == scratch.data_ptr()
+        again = inverse_cholesky(scratch, 0.01, refill=H.clone)
+        assert torch.equal(again, got) and again.is_contiguous() and again.data_ptr() == scratch.data_ptr()
+
+
+@pytest.mark.parametrize("n", [300, 700])
+def test_inverse_cholesky_bits_do_not_depend_on_the_thread_count(n):
+    H = random_hessian(n, tokens=2 * n + 8, seed=n)
+    before = torch.get_num_threads()
+    try:
+        got = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            got.append(inverse_cholesky(H, 0.01))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
+    assert torch.get_num_threads() == before
+
+
+def test_upper_inverse_factor_reads_only_the_upper_triangle():
+    H = random_hessian(600, tokens=1300, seed=4)
+    a = H.clone()
+    b = torch.triu(H) + torch.tril(torch.full_like(H, float("nan")), -1)
+    assert upper_inverse_factor_(a) and upper_inverse_factor_(b)
+    assert torch.equal(a, b)
+
+
+def test_upper_inverse_factor_refuses_an_indefinite_matrix():
+    A = torch.eye(300)
+    A[290, 290] = -1.0  # in the last block, the first one factored
+    assert not upper_inverse_factor_(A.clone())
+    A = torch.eye(300)
+    A[3, 3] = -1.0  # in the first block, reached last
+    assert not upper_inverse_factor_(A.clone())
 
 
 def test_scratch_hessian_is_refilled_for_a_retry(caplog):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 
@@ -30,20 +31,18 @@ def inverse_cholesky(H: torch.Tensor, damp_percent: float = 0.01, dead: torch.Te
     """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, as GPTQ uses it; H is not modified (but see `refill`).
 
     `dead` columns (no input reached them) get H_jj = 1 first. If the factorisation fails, the
-    damping is multiplied by 10 and retried (logged), up to MAX_DAMP_RETRIES times. Everything is
-    factored in one n x n buffer, the result's, laid out column-major as LAPACK works (a row-major
-    `out=` costs torch an n x n proxy per call), so the solve holds two n x n matrices (H and it;
-    2 x 485 MB for a 7B down_proj). With `refill` (a function returning H anew), H is the caller's
-    scratch copy and is factored in its own buffer: one n x n matrix, and refill() for a retry.
+    damping is multiplied by 10 and retried (logged), up to MAX_DAMP_RETRIES times. The factor is
+    computed in one n x n buffer, the result's (upper_inverse_factor_), so the solve holds two n x n
+    matrices (H and it; 2 x 485 MB for a 7B down_proj). With `refill` (a function returning H anew),
+    H is the caller's scratch copy and is factored in its own buffer: one n x n matrix, and refill()
+    for a retry. The bits do not depend on the thread count.
     """
     n = H.shape[0]
-    # an fp64 H (hessian_dtype=fp64) is factored in fp64 and rounded to fp32 at the end: LAPACK's Cholesky
-    # differs in its last bits between thread counts, and fp64's differences vanish in that rounding
+    # an fp64 H (hessian_dtype=fp64) is factored in fp64 and rounded to fp32 at the end
     if refill is not None and H.dtype == solve_dtype(H):
-        work = _column_major_(H)
+        work = _row_major_(H)  # the same bits as a fresh buffer: the products' kernels follow the layout
     else:
-        refill, work = None, torch.empty(n, n, dtype=solve_dtype(H), device=H.device).T
-    info = torch.empty((), dtype=torch.int32, device=H.device)
+        refill, work = None, torch.empty(n, n, dtype=solve_dtype(H), device=H.device)
     damp = damp_percent
     diag = mean_diag = None
     for attempt in range(MAX_DAMP_RETRIES + 1):
@@ -57,20 +56,70 @@ def inverse_cholesky(H: torch.Tensor, damp_percent: float = 0.01, dead: torch.Te
             diag = torch.diag(work).clone()
             mean_diag = torch.mean(diag).clamp_min(1e-8)
         work.diagonal().copy_(diag).add_(damp * mean_diag)
-        torch.linalg.cholesky_ex(work, out=(work, info))
-        if info.item() == 0:
-            torch.cholesky_inverse(work, out=work)
-            torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
-            if info.item() == 0 and all_finite(work):
-                if attempt:
-                    log.warning("Hessian needed damp_percent=%.3g (asked %.3g) to be positive definite",
-                                damp, damp_percent)
-                return _transpose_(work.T).to(torch.float32)  # row-major, as GPTQ's loops read it
+        if upper_inverse_factor_(work) and all_finite(work):
+            if attempt:
+                log.warning("Hessian needed damp_percent=%.3g (asked %.3g) to be positive definite",
+                            damp, damp_percent)
+            return work.to(torch.float32)  # row-major, as GPTQ's loops read it
         log.info("Cholesky failed with damp_percent=%.3g; retrying with 10x damping", damp)
         damp *= 10
     raise HessianError(
         f"Hessian of size {n} is not positive definite even with damp_percent={damp / 10:.3g}; "
         "check the calibration data (NaN/inf activations?) or raise --damp-percent")
+
+
+@contextmanager
+def _one_thread(device: torch.device):
+    """Small LAPACK calls on one CPU thread: their last bits depend on the thread count."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def upper_inverse_factor_(A: torch.Tensor, block: int = 256) -> bool:
+    """Overwrite the symmetric positive definite A with the upper U such that U^T U = A^-1; False if A is not.
+
+    U is the upper Cholesky factor of A^-1 (what GPTQ's reference code gets from cholesky, cholesky_inverse
+    and cholesky again), found without forming A^-1: A = V V^T with V upper (a Cholesky factorisation from
+    the bottom-right corner), then U = V^-1. Both steps are blocked: the diagonal blocks are factored and
+    inverted on one thread, everything else is matrix products, so the result has the same bits on any
+    number of threads (LAPACK's potrf/potri do not: their blocking follows the threads). n^3 flops in all,
+    against 4/3 n^3 for the three LAPACK calls; extra memory: two n x block panels. Only A's upper triangle is read.
+    """
+    n = A.shape[0]
+    starts = list(range(0, n, block))
+    eye = torch.eye(min(block, n), dtype=A.dtype, device=A.device)
+    for k in reversed(range(len(starts))):  # A = V V^T, block columns right to left
+        s, e = starts[k], min(starts[k] + block, n)
+        with _one_thread(A.device):
+            M, info = torch.linalg.cholesky_ex(A[s:e, s:e].flip(0, 1))  # D = J M M^T J, J M J upper
+            if info.item() != 0:
+                return False
+            V22 = M.flip(0, 1)
+            V22inv = torch.linalg.solve_triangular(V22, eye[:e - s, :e - s], upper=True)
+        A[s:e, s:e] = V22
+        if s:
+            V12 = A[:s, s:e] @ V22inv.T  # A12 = V12 V22^T
+            A[:s, s:e] = V12
+            for c in starts[:k]:  # A11 -= V12 V12^T, upper block columns only
+                ce = min(c + block, s)
+                A[:ce, c:ce].addmm_(V12[:ce], V12[c:ce].T, alpha=-1)
+    A.triu_()  # the lower triangle still held A
+    for k, s in enumerate(starts):  # U = V^-1, block columns left to right: [[X, Y], [0, Z]]^-1
+        e = min(s + block, n)
+        with _one_thread(A.device):
+            Zinv = torch.linalg.solve_triangular(A[s:e, s:e], eye[:e - s, :e - s], upper=True).triu_()
+        if s:
+            A[:s, s:e] = (A[:s, :s] @ A[:s, s:e]) @ Zinv  # A[:s, :s] already holds X^-1 (upper)
+            A[:s, s:e].neg_()
+        A[s:e, s:e] = Zinv
+    return True
 
 
 def all_finite(A: torch.Tensor) -> bool:
@@ -90,13 +139,13 @@ def _transpose_(A: torch.Tensor, tile: int = 512) -> torch.Tensor:
     return A
 
 
-def _column_major_(A: torch.Tensor) -> torch.Tensor:
-    """A's values laid out column-major in A's own buffer (returned as that view)."""
-    if A.T.is_contiguous():
+def _row_major_(A: torch.Tensor) -> torch.Tensor:
+    """A's values laid out row-major in A's own buffer (returned as that view)."""
+    if A.is_contiguous():
         return A
-    if not A.is_contiguous():
+    if not A.T.is_contiguous():
         raise ValueError("a scratch Hessian must be a contiguous matrix or its transpose")
-    return _transpose_(A).T
+    return _transpose_(A.T)
 
 
 def prepare(W: torch.Tensor, H: torch.Tensor, damp_percent: float = 0.01, with_inverse: bool = True):
