@@ -86,6 +86,22 @@ def _pack_groups(codes: torch.Tensor, bits: int, per_group: int, group_bytes: in
     return out
 
 
+_TABLES: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _byte_tables(bits: int, per_group: int, group_bytes: int, device: torch.device) -> torch.Tensor:
+    """[group_bytes, 256, per_group] uint8: the bits byte k of a group, of value v, gives each code of it
+    (OR the group's bytes' rows together to get its codes: one gather per byte instead of shifts)."""
+    key = (bits, str(device))
+    if key not in _TABLES:
+        v = torch.arange(256, dtype=torch.int64)
+        shift = torch.arange(per_group, dtype=torch.int64) * bits
+        mask = (1 << bits) - 1
+        t = torch.stack([((v[:, None] << (8 * k)) >> shift) & mask for k in range(group_bytes)])
+        _TABLES[key] = t.to(torch.uint8).to(device)
+    return _TABLES[key]
+
+
 def _unpack_groups(
     packed: torch.Tensor,
     length: int,
@@ -108,14 +124,17 @@ def _unpack_groups(
         )
     lead = packed.shape[:-1]
     n_groups = -(-length // per_group)
-    buf = packed.new_zeros((*lead, n_groups * group_bytes), dtype=_word_dtype(bits * per_group))
+    if group_bytes == 1:  # 1/2/4/8 bits: shifts of the byte itself
+        mask = (1 << bits) - 1
+        codes = torch.stack([(packed >> (j * bits)) & mask for j in range(per_group)], dim=-1)
+        return codes.reshape(*lead, n_groups * per_group)[..., :length].to(dtype).contiguous()
+    buf = packed.new_zeros((*lead, n_groups * group_bytes))  # the last group's all-padding bytes were dropped
     buf[..., :n_bytes] = packed
-    buf = buf.reshape(*lead, n_groups, group_bytes)
-    word = buf[..., 0]
+    buf = buf.reshape(*lead, n_groups, group_bytes).to(torch.int32)
+    tables = _byte_tables(bits, per_group, group_bytes, packed.device)
+    codes = tables[0][buf[..., 0]]  # [*lead, n_groups, per_group]: byte 0's share of its group's codes
     for k in range(1, group_bytes):  # bytes within a group, not elements
-        word = word | (buf[..., k] << (8 * k))
-    mask = (1 << bits) - 1
-    codes = torch.stack([(word >> (j * bits)) & mask for j in range(per_group)], dim=-1)
+        codes |= tables[k][buf[..., k]]
     codes = codes.reshape(*lead, n_groups * per_group)[..., :length]
     return codes.to(dtype).contiguous()
 
