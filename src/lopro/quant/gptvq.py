@@ -439,6 +439,13 @@ def _gptvq_group(Wc: Tensor, U: Tensor, A: Tensor, Cf: Tensor, row_cb: Tensor, c
     d = cfg.dim
     bs = max(d, (cfg.blocksize // d) * d)
     loss = 0.0
+    Cr = Cf[row_cb]  # [m, k, d]: each row's own codebook, gathered once per group
+    Crd = [Cr[..., t].contiguous() for t in range(d)]  # its d coordinates, [m, k] each
+    rows = torch.arange(Cr.shape[0], device=Cr.device)
+    if cfg.assign_metric == "block":  # the metric G = M M^T of every vector position of the group
+        G = A[c0 // d:c1 // d] @ A[c0 // d:c1 // d].transpose(1, 2)
+    else:
+        G = torch.diag_embed(wcol[c0:c1].reshape(-1, d))
     for i1 in range(c0, c1, bs):
         i2 = min(i1 + bs, c1)
         W1 = Wc[:, i1:i2].clone()
@@ -447,18 +454,21 @@ def _gptvq_group(Wc: Tensor, U: Tensor, A: Tensor, Cf: Tensor, row_cb: Tensor, c
         for j in range(0, i2 - i1, d):
             v = (i1 + j) // d
             w = W1[:, j:j + d]
-            # nearest codeword under ||(w - c) M||^2, via ||cM||^2 - 2 <wM, cM>
-            M = A[v] if cfg.assign_metric == "block" else torch.diag(wcol[i1 + j:i1 + j + d].sqrt())
-            Ct = Cf @ M  # [nr, k, d]
-            score = (Ct * Ct).sum(-1)[row_cb] - 2 * torch.einsum("md,mkd->mk", w @ M, Ct[row_cb])
+            # nearest codeword under ||(w - c) M||^2 = c G c^T - 2 (w G) . c + const: the quadratic term per
+            # codebook, the cross term as d multiply-adds over [m, k] (tiny matmuls cost more than they do)
+            Gv = G[v - c0 // d]
+            score = ((Cf.reshape(-1, d) @ Gv).reshape(Cf.shape) * Cf).sum(-1)[row_cb]
+            wG = w @ Gv
+            for t in range(d):
+                score.addcmul_(wG[:, t:t + 1], Crd[t], value=-2)
             idx = score.argmin(-1)
-            q = Cf[row_cb, idx]
+            q = Cr[rows, idx]
             Q[:, i1 + j:i1 + j + d] = q
             codes[:, v] = idx
             err = (w - q) @ A[v]
-            W1[:, j + d:] -= err @ U1[j:j + d, j + d:]
+            W1[:, j + d:].addmm_(err, U1[j:j + d, j + d:], alpha=-1)
             Err1[:, j:j + d] = err
-        Wc[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        Wc[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
         loss += float((Err1 * Err1).sum(dtype=torch.float64))
     return loss
 
