@@ -94,9 +94,9 @@ def test_non_finite_hessian_is_refused():
         gptq_quantize(torch.randn(4, 8), H, 4, -1)
 
 
-def _plain_inverse_cholesky(H, damp):
-    """GPTQ's reference route, in fp64: cholesky, cholesky_inverse, cholesky again."""
-    A = H.double()
+def _plain_inverse_cholesky(H, damp, dtype=torch.float64):
+    """GPTQ's reference route: cholesky, cholesky_inverse, cholesky again (LAPACK's, in `dtype`)."""
+    A = H.to(dtype, copy=True)
     A.diagonal().add_(damp * torch.diag(A).mean())
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(A)), upper=True)
 
@@ -106,10 +106,7 @@ def test_inverse_cholesky_is_the_factor_of_the_inverse_in_one_buffer(n):
     """Blocked factor == the reference route as closely as LAPACK's own fp32 route is, in the caller's scratch
     copy, any layout."""
     H = random_hessian(n, tokens=2 * n + 8, seed=n)
-    want = _plain_inverse_cholesky(H, 0.01)
-    A = H.clone()
-    A.diagonal().add_(0.01 * torch.diag(A).mean())
-    lapack = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(A)), upper=True)
+    want, lapack = _plain_inverse_cholesky(H, 0.01), _plain_inverse_cholesky(H, 0.01, torch.float32)
     got = inverse_cholesky(H, 0.01)
     assert got.dtype == torch.float32 and torch.equal(got, got.triu())
     assert (got.double() - want).norm() <= 2 * (lapack.double() - want).norm() + 1e-7 * want.norm()
@@ -127,10 +124,10 @@ def test_inverse_cholesky_bits_do_not_depend_on_the_thread_count(n):
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             got.append(inverse_cholesky(H, 0.01))
+            assert torch.get_num_threads() == threads  # the one-thread LAPACK calls gave the count back
     finally:
         torch.set_num_threads(before)
     assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
-    assert torch.get_num_threads() == before
 
 
 def test_upper_inverse_factor_reads_only_the_upper_triangle():
