@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from lopro.device import has_native_bf16
+
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 
@@ -119,7 +121,8 @@ def main(argv=None) -> int:
         runs: dict[str, list[dict]] = {}
         result = {"settings": {k: v for k, v in vars(a).items() if k != "child"}, "runs": runs,
                   "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                              "torch": torch.__version__}}
+                              "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                              "native_bf16": has_native_bf16("cpu"), "torch": torch.__version__}}
         for r in range(a.rounds):
             order = jobs + (["llmc-gptq-w3"] if a.llmc_python else [])
             order = order[r % len(order):] + order[:r % len(order)]  # rotate who goes first

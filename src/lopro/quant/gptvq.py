@@ -249,28 +249,60 @@ def _kmeanspp(X: Tensor, Wt: Tensor, k: int, gen: torch.Generator) -> Tensor:
 
 
 class _Assigner:
-    """Nearest centroid under the weighted distance, as bmm + min per chunk of points:
-    ``argmin_c sum_j w_j (c_j^2 - 2 x_j c_j)`` (the ``w x^2`` term does not change the argmin).
-    Chunks keep the [chunk, k] scores in cache: the reduction, not the bmm, is what costs on CPU."""
+    """Nearest centroid under the weighted distance, ``argmin_c sum_j w_j (c_j^2 - 2 x_j c_j)`` (the
+    ``w x^2`` term does not change the argmin), first index on ties as ``torch.min`` gives; and, for
+    Lloyd's update, ``[sum w x, sum w]`` of the points each centroid gets.
 
-    CHUNK = 4096
+    ``torch.min(dim)`` with indices is a slow, scalar reduction on CPU, ``amin`` a vectorized one. So
+    per cache-sized chunk: the scores ``[b, k, n]`` from one bmm, their minimum from ``amin`` over
+    the centroids, then the 0/1 mask of the centroids that reach it, which gives by matmuls the index
+    and the count of minimal centroids of each point and the per-centroid sums. Points whose count
+    is not 1 (ties: duplicate centroids) get their index from ``argmin`` on them alone, and the sums
+    are then redone by a scatter. Zero-weight points (padding, dead columns) score 0 everywhere:
+    index 0, no mass. About 2-3x faster than bmm + ``torch.min`` + scatter."""
+
+    CHUNK = 1 << 18  # score entries per chunk (1 MiB of fp32)
 
     def __init__(self, X: Tensor, Wt: Tensor, k: int):
         self.A = torch.cat([Wt * X, Wt], dim=-1)  # [B, N, 2d]
+        self.At = self.A.transpose(1, 2).contiguous()  # [B, 2d, N]
         B, N = X.shape[:2]
-        cs = min(N, self.CHUNK)
-        self.buf = torch.empty(B, cs, k, dtype=X.dtype, device=X.device)
-        self.vals = torch.empty(B, cs, dtype=X.dtype, device=X.device)
-        self.out = torch.empty(B, N, dtype=torch.long, device=X.device)
+        dev, dt = X.device, X.dtype
+        self.dead = (Wt == 0).all(-1)  # [B, N]: every score is 0
+        self.cs = min(N, max(256, self.CHUNK // k))
+        self.cb = max(1, min(B, self.CHUNK // (k * self.cs)))
+        self.buf = torch.empty(self.cb, k, self.cs, dtype=dt, device=dev)
+        self.mins = torch.empty(self.cb, 1, self.cs, dtype=dt, device=dev)
+        # (lift @ mask): row 0 the index sum, row 1 the count of the minimal centroids of each point
+        self.lift = torch.stack([torch.arange(k, dtype=dt, device=dev), torch.ones(k, dtype=dt, device=dev)])
+        self.found = torch.empty(B, 2, N, dtype=dt, device=dev)
 
-    def __call__(self, C: Tensor) -> Tensor:
-        Bm = torch.cat([-2 * C, C * C], dim=-1).transpose(1, 2)  # [B, 2d, k]
-        N = self.A.shape[1]
-        for s in range(0, N, self.buf.shape[1]):
-            e = min(N, s + self.buf.shape[1])
-            scores = torch.bmm(self.A[:, s:e], Bm, out=self.buf[:, :e - s])
-            torch.min(scores, -1, out=(self.vals[:, :e - s], self.out[:, s:e]))
-        return self.out.clone()
+    def __call__(self, C: Tensor, sums: Tensor | None = None) -> Tensor:
+        """Indices ``[B, N]`` int64; with ``sums`` (``[B, 2d, k]``, zeroed) also their per-centroid sums."""
+        Bm = torch.cat([-2 * C, C * C], dim=-1)  # [B, k, 2d]
+        B, N = self.A.shape[:2]
+        for b0 in range(0, B, self.cb):
+            b1 = min(B, b0 + self.cb)
+            for s in range(0, N, self.cs):
+                e = min(N, s + self.cs)
+                scores = torch.bmm(Bm[b0:b1], self.At[b0:b1, :, s:e], out=self.buf[:b1 - b0, :, :e - s])
+                mins = torch.amin(scores, 1, keepdim=True, out=self.mins[:b1 - b0, :, :e - s])
+                mask = torch.le(scores, mins, out=scores)
+                torch.matmul(self.lift, mask, out=self.found[b0:b1, :, s:e])
+                if sums is not None:  # dead points have zero rows in A: they add nothing
+                    sums[b0:b1].baddbmm_(self.At[b0:b1, :, s:e], mask.transpose(1, 2))
+        out = self.found[:, 0].to(torch.long).masked_fill_(self.dead, 0)
+        tie = torch.nonzero(((self.found[:, 1] != 1) & ~self.dead).view(-1)).view(-1)  # flat b * N + n
+        if tie.numel():
+            a = self.A.view(B * N, -1).index_select(0, tie)  # [p, 2d]
+            bm = Bm.index_select(0, tie // N)  # [p, k, 2d]
+            sc = bm[..., 0] * a[:, :1]  # [p, k], as 2d multiply-adds (a batch of tiny bmm is slow)
+            for j in range(1, a.shape[1]):
+                sc.addcmul_(bm[..., j], a[:, j:j + 1])
+            out.view(-1).index_copy_(0, tie, sc.argmin(-1))
+            if sums is not None:
+                sums.zero_().scatter_add_(2, out[:, None, :].expand(-1, self.At.shape[1], -1), self.At)
+        return out
 
 
 def kmeans_objective(X: Tensor, C: Tensor, assignment: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -301,14 +333,12 @@ def kmeans(X: Tensor, k: int, weights: Tensor | None = None, iters: int = 20, se
     else:
         C = (init[None] if squeeze else init).to(torch.float32).clone()
     nearest = _Assigner(Xb, Wb, k)
-    assign = nearest(C)
-    WX = Wb * Xb
-    for _ in range(iters):
-        idx = assign[..., None].expand(-1, -1, d)
-        num = torch.zeros_like(C).scatter_add_(1, idx, WX)
-        den = torch.zeros_like(C).scatter_add_(1, idx, Wb)
+    sums = torch.zeros(B, 2 * d, k, dtype=C.dtype, device=C.device)  # [sum w x; sum w] per centroid
+    assign = nearest(C, sums if iters else None)
+    for it in range(iters):
+        num, den = sums[:, :d].transpose(1, 2), sums[:, d:].transpose(1, 2)
         C = torch.where(den > 0, num / den.clamp_min(1e-30), C)
-        new_assign = nearest(C)
+        new_assign = nearest(C, sums.zero_() if it + 1 < iters else None)
         if history is not None:
             history.append(kmeans_objective(Xb, C, new_assign, Wb))
         if torch.equal(new_assign, assign):
