@@ -1,6 +1,6 @@
 """One quantization on several processes (torch.distributed, gloo on CPU) against one process.
 
-    python benchmarks/bench_distributed.py [--nsamples 16] [--seqlen 512] [--configs gptq:3:64,lopro:2:64]
+    python benchmarks/bench_distributed.py [--nsamples 16] [--seqlen 512] [--configs gptq:3:64,lopro:2:64] [--blocks N]
 
 For each configuration: `lopro quantize` on SmolLM2 in one process with one thread, then the same command
 under `torchrun --nproc-per-node 2` with one thread per process, alternated, `--rounds` times. Prints a
@@ -37,6 +37,19 @@ def tensors_equal(a: Path, b: Path) -> dict:
             "n_tensors_differing": len(differ)}
 
 
+def cut_model(work: Path, blocks: int) -> Path:
+    """SmolLM2's first `blocks` blocks saved as a folder (a quicker check of the same code)."""
+    from lopro.io.loading import load_model
+
+    model, tok, _ = load_model("smollm2-135m", device="cpu")
+    model.model.layers = model.model.layers[:blocks]
+    model.config.num_hidden_layers = blocks
+    folder = work / f"smollm2-{blocks}blocks"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def run(cmd: list[str], env: dict, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
@@ -62,6 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--procs", type=int, default=2)
+    ap.add_argument("--blocks", type=int, default=0, help="SmolLM2 cut to its first N blocks (0: all 30)")
     ap.add_argument("--option", action="append", default=[], help="passed to lopro quantize, e.g. hessian_dtype=fp64")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/distributed/bench_distributed.json"))
     a = ap.parse_args(argv)
@@ -70,9 +84,11 @@ def main(argv=None) -> int:
     results = {"nsamples": a.nsamples, "seqlen": a.seqlen, "procs": a.procs, "threads_per_process": 1,
                "options": a.option, "rows": []}
     try:
+        model = "smollm2-135m" if not a.blocks else str(cut_model(scratch, a.blocks))
+        results["blocks"] = a.blocks or 30
         for item in a.configs.split(","):
             method, bits, gs = item.split(":")
-            base = ["quantize", "--model", "smollm2-135m", "--method", method, "--bits", bits, "--group-size", gs,
+            base = ["quantize", "--model", model, "--method", method, "--bits", bits, "--group-size", gs,
                     "--rank", "16", "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen), "--device", "cpu",
                     *[x for o in a.option for x in ("--option", o)]]
             one, many = scratch / f"{item}-1", scratch / f"{item}-{a.procs}"

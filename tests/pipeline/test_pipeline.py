@@ -203,6 +203,25 @@ def test_profile_has_every_stage(true_sequential):
         assert abs(b["hessian_s"] - sum(s["hessian_s"] for s in b["stages"])) < 1e-9
 
 
+def test_only_the_first_of_alike_blocks_runs_the_discovery_forward():
+    model = tiny_llama(layers=3)
+    cfg = QuantConfig(method="gptq", bits=4, group_size=32)
+    _, report = quantize(model, cfg, calib(), batch_size=2, progress=False)
+    firsts = [b["stages"][0]["layers"] for b in report.blocks]
+    assert firsts[0] == "discover" and firsts[1] == firsts[2] == ["self_attn.k_proj", "self_attn.q_proj",
+                                                                  "self_attn.v_proj"]
+    assert len(report.layers) == 21
+
+
+def test_a_block_wired_unlike_the_first_one_stops_with_a_clear_error():
+    model = tiny_llama(layers=2)
+    # block 1's q_proj gets a copy of its input: same layers and shapes as block 0, but no longer one input with k/v
+    model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda mod, args: (args[0].clone(),))
+    cfg = QuantConfig(method="gptq", bits=4, group_size=32)
+    with pytest.raises(RuntimeError, match="block 1: layers .*q_proj.* true_sequential=False"):
+        quantize(model, cfg, calib(), batch_size=2, progress=False)
+
+
 def test_a_block_that_cannot_run_under_autocast_is_calibrated_in_fp32_with_a_warning(caplog):
     def fp32_buffer(mlp):  # a custom layer adding its (bf16 under autocast) result into an fp32 buffer
         orig = mlp.forward

@@ -24,8 +24,8 @@ from lopro.pipeline.activations import Activations
 from lopro.pipeline.calibrate import StatsCollector
 from lopro.pipeline.distributed import Dist
 from lopro.pipeline.memory import PeakMemory, release_free_memory
-from lopro.model.moe import (expert_stages, fallback_stats, find_fused_experts, refuse_experts, starved_experts,
-                             unfuse_experts)
+from lopro.model.moe import (expert_key, expert_stages, fallback_stats, find_fused_experts, refuse_experts,
+                             starved_experts, unfuse_experts)
 from lopro.model.walk import (StopForward, block_output, capture_block_inputs, check_finite, find_blocks,
                               find_linears, to_device)
 from lopro.quant.loss import output_error
@@ -144,6 +144,7 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
             inputs = io.capture(model, blocks[0], calibration.split(batch_size))
         capture_s = time.perf_counter() - t_capture
 
+        known: dict = {}  # block signature -> its true-sequential stages (see _calibrate_block)
         bar = tqdm(range(start, len(blocks)), desc=f"{config.method} W{config.bits}", disable=not progress,
                    unit="block", initial=start, total=len(blocks))
         for i in bar:
@@ -165,7 +166,7 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
                 done = set()
             else:
                 stats, groups, inputs, done = _calibrate_block(block, linears, inputs, device, amp, config, method,
-                                                               on_layer, i, report, io, dist, stages)
+                                                               on_layer, i, report, io, dist, stages, known)
                 if cache:
                     cache.save(i, stats, groups, last=i == len(blocks) - 1)
             groups = expert_stages(groups, linears)  # adds layers no calibration token reached
@@ -198,8 +199,17 @@ def quantize(model, config: QuantConfig, calibration: torch.Tensor | None, *, ba
     return model, report
 
 
-def _calibrate_block(block, linears, inputs, device, amp, config, method, on_layer, i, report, io, dist, stages):
+def _block_signature(linears: dict) -> tuple:
+    return tuple((n, lin.in_features, lin.out_features) for n, lin in linears.items())
+
+
+def _calibrate_block(block, linears, inputs, device, amp, config, method, on_layer, i, report, io, dist, stages,
+                     known: dict):
     """Statistics for every linear of one block; in true-sequential mode, quantizes group by group.
+
+    `known` maps a block's layers (names and shapes) to the stages found by a discovery forward of an earlier
+    block with the same layers: a model's blocks call them in the same order with the same shared inputs,
+    so only the first such block pays for that forward (blocks with MoE experts always discover theirs).
 
     Returns (stats, groups, next_inputs, quantized) where next_inputs are the fp outputs when
     propagate="fp" (computed in the same pass) and the unchanged inputs otherwise, and quantized the
@@ -211,13 +221,22 @@ def _calibrate_block(block, linears, inputs, device, amp, config, method, on_lay
         stats, groups, _ = _collect(block, linears, inputs, device, amp, dtype, outputs=outputs, dist=dist,
                                     stages=stages)
         return stats, dist.broadcast(groups, 0), outputs if config.propagate == "fp" else inputs, set()
-    # discover call order and shared inputs on the first batch only (one stage per expert matrix)
-    _, groups, _ = _collect(block, linears, inputs.head(1), device, amp, dtype, stages=stages, label="discover")
-    groups = dist.broadcast(expert_stages(groups, linears), 0)  # every rank runs rank 0's stages
+    groups = known.get(_block_signature(linears))
+    if groups is None:
+        # discover call order and shared inputs on the first batch only (one stage per expert matrix)
+        _, groups, _ = _collect(block, linears, inputs.head(1), device, amp, dtype, stages=stages, label="discover")
+        groups = dist.broadcast(expert_stages(groups, linears), 0)  # every rank runs rank 0's stages
+        if not any(expert_key(n) for n in linears):  # blocks of the same layers run them alike: reuse
+            known[_block_signature(linears)] = groups
     stats: dict[str, LayerStats] = {}
     for group in groups:
         members = {n: linears[n] for n in group}
-        got, _, _ = _collect(block, members, inputs, device, amp, dtype, stop_after=group, dist=dist, stages=stages)
+        got, seen, _ = _collect(block, members, inputs, device, amp, dtype, stop_after=group, dist=dist,
+                                stages=stages)
+        if sorted(map(sorted, seen)) != [sorted(group)] and not any(expert_key(n) for n in group):
+            raise RuntimeError(f"block {i}: layers {group} were expected to read one input, as in an earlier block "
+                               f"with the same layers, but they read {seen}; quantize with true_sequential=False "
+                               "and report this model")
         stats.update(got)
         _quantize_layers(i, group, linears, stats, config, method, on_layer, report, _starved(group, stats, config),
                          dist)
