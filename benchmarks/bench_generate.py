@@ -16,6 +16,9 @@ load changes hit all alike), medians of the repeats:
   ``lopro.load``; ``--checkpoints DIR`` uses real folders ``DIR/<name>`` instead where they exist.
   RSS (after load, after one generation, peak) is measured in a fresh process per model.
 
+  ``--e2e-model 7b --e2e-blocks N``: the same on a LLaMA-2-7B-shaped model (hidden 4096, intermediate 11008,
+  vocab 32000, random weights) cut to N blocks so that its fp32 copy fits in memory, with GPTQ W4 at g128.
+
 Run:  python benchmarks/bench_generate.py --threads 2 [--part layer|e2e|all] [--repeats 5]
       [--out benchmarks/results/generate/cpu.json]      (--table FILE reprints a result)
 """
@@ -43,8 +46,11 @@ from lopro.quant.rtn import ScalarQuant
 
 LAYER = (4096, 4096)
 CROSSOVER_TOKENS = (1, 16, 32, 64, 96, 128, 192, 256)
-E2E_MODELS = ("fp32", "bf16", "gptq-w4-g64", "gptq-w2-g64", "lopro-w2-g64-r16", "lopro-v-w2")
+E2E_MODELS = {"smollm2": ("fp32", "bf16", "gptq-w4-g64", "gptq-w2-g64", "lopro-w2-g64-r16", "lopro-v-w2"),
+              "7b": ("fp32", "bf16", "gptq-w4-g128", "gptq-w2-g64", "lopro-w2-g64-r16", "lopro-v-w2")}
+VOCAB = {"smollm2": 49152, "7b": 32000}
 E2E_CONFIGS = {"gptq-w4-g64": dict(kind="scalar", bits=4, group=64, lopro=False),
+               "gptq-w4-g128": dict(kind="scalar", bits=4, group=128, lopro=False),
                "gptq-w2-g64": dict(kind="scalar", bits=2, group=64, lopro=False),
                "lopro-w2-g64-r16": dict(kind="scalar", bits=2, group=64, lopro=True),
                "lopro-v-w2": dict(kind="vq", bits=2, group=None, lopro=True)}
@@ -166,25 +172,33 @@ def bench_layer(a) -> dict:
 
 # --------------------------------------------------------------------------- end to end
 
-def fp_model(dtype: torch.dtype, device: str):
-    from transformers import AutoModelForCausalLM
+def fp_model(dtype: torch.dtype, device: str, shape: str = "smollm2", blocks: int = 4):
+    """SmolLM2-135M, or a LLaMA-2-7B-shaped model (hidden 4096, intermediate 11008, 32 heads, vocab 32000)
+    cut to `blocks` blocks with seeded random weights (speed does not depend on the values)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from lopro.data.assets import resolve_builtin_model
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_builtin_model("smollm2-135m"), dtype=dtype)
-    return model.eval().to(device)
+    if shape == "smollm2":
+        model = AutoModelForCausalLM.from_pretrained(resolve_builtin_model("smollm2-135m"), dtype=dtype)
+        return model.eval().to(device)
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=blocks, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=VOCAB["7b"], max_position_embeddings=4096,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)  # transformers' own initialisation, seeded
+    return LlamaForCausalLM(cfg).eval().to(device=device, dtype=dtype)
 
 
-def build_synthetic_checkpoint(name: str, folder: Path) -> Path:
-    """SmolLM2 with every block linear replaced by a synthetic packed layer, saved to folder/name."""
+def build_synthetic_checkpoint(name: str, folder: Path, shape: str = "smollm2", blocks: int = 4) -> Path:
+    """The model with every block linear replaced by a synthetic packed layer, saved to folder/name."""
     from lopro.io import checkpoint as ck
     from lopro.model.surgery import get_submodule_parent
 
-    out = folder / name
+    out = folder / f"{shape}-{blocks}-{name}" if shape != "smollm2" else folder / name
     if (out / "config.json").exists():
         return out
     c = E2E_CONFIGS[name]
-    model = fp_model(torch.float32, "cpu")
+    model = fp_model(torch.float32, "cpu", shape, blocks)
     targets = [(full, mod) for full, mod in model.named_modules()
                if isinstance(mod, nn.Linear) and ".layers." in f".{full}"]
     for i, (full, mod) in enumerate(targets):
@@ -200,14 +214,14 @@ def model_source(name: str, a, scratch: Path) -> str:
         return name
     if a.checkpoints and (Path(a.checkpoints) / name / "config.json").exists():
         return str(Path(a.checkpoints) / name)
-    return str(build_synthetic_checkpoint(name, scratch))
+    return str(build_synthetic_checkpoint(name, scratch, a.e2e_model, a.e2e_blocks))
 
 
-def load_source(source: str, device: str, backend: str = "auto"):
+def load_source(source: str, device: str, backend: str = "auto", shape: str = "smollm2", blocks: int = 4):
     import lopro
 
     if source in ("fp32", "bf16"):
-        return fp_model(torch.float32 if source == "fp32" else torch.bfloat16, device)
+        return fp_model(torch.float32 if source == "fp32" else torch.bfloat16, device, shape, blocks)
     return lopro.load(source, device=device, backend=backend)
 
 
@@ -250,9 +264,9 @@ def rss_child(a) -> None:
     """One model in a fresh process: RSS after load, after one generation, and the peak."""
     torch.set_num_threads(a.threads)
     base = rss_mib()
-    model = load_source(a.rss_child, a.device)
+    model = load_source(a.rss_child, a.device, shape=a.e2e_model, blocks=a.e2e_blocks)
     loaded = rss_mib()
-    ids = torch.randint(0, 49152, (1, a.prompt_tokens), generator=torch.Generator().manual_seed(0)).to(a.device)
+    ids = torch.randint(0, VOCAB[a.e2e_model], (1, a.prompt_tokens), generator=torch.Generator().manual_seed(0)).to(a.device)
     generate(model, ids, a.new_tokens, a.device)
     after = rss_mib()
     peak = hiwater_mib()
@@ -263,11 +277,12 @@ def rss_child(a) -> None:
 def bench_e2e(a) -> dict:
     scratch = Path(a.scratch or tempfile.mkdtemp(prefix="bench-generate-"))
     scratch.mkdir(parents=True, exist_ok=True)
-    sources = {name: model_source(name, a, scratch) for name in E2E_MODELS}
-    models = {name: load_source(src, a.device) for name, src in sources.items()}
+    sources = {name: model_source(name, a, scratch) for name in E2E_MODELS[a.e2e_model]}
+    models = {name: load_source(src, a.device, shape=a.e2e_model, blocks=a.e2e_blocks) for name, src in sources.items()}
     plans = {name: dict(sorted(_count(bk.backend_choices(m)).items())) for name, m in models.items()
              if name not in ("fp32", "bf16")}
-    ids = torch.randint(0, 49152, (1, a.prompt_tokens), generator=torch.Generator().manual_seed(0)).to(a.device)
+    ids = torch.randint(0, VOCAB[a.e2e_model], (1, a.prompt_tokens),
+                        generator=torch.Generator().manual_seed(0)).to(a.device)
     for m in models.values():  # warm up: kernel layouts, allocator, caches
         generate(m, ids[:, :64], 4, a.device)
     times: dict[str, dict[str, list]] = {k: {"prefill": [], "decode": []} for k in models}
@@ -288,13 +303,15 @@ def bench_e2e(a) -> dict:
         if a.no_rss:
             break
         cmd = [sys.executable, __file__, "--rss-child", src, "--threads", str(a.threads), "--device", a.device,
+               "--e2e-model", a.e2e_model, "--e2e-blocks", str(a.e2e_blocks),
                "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows[name].update(json.loads(res.stdout.strip().splitlines()[-1]))
     for r in rows.values():
         r["decode_x_fp32"] = r["decode_tok_s"] / rows["fp32"]["decode_tok_s"]
         r["prefill_x_fp32"] = r["prefill_tok_s"] / rows["fp32"]["prefill_tok_s"]
-    return {"model": "smollm2-135m", "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
+    model = "smollm2-135m" if a.e2e_model == "smollm2" else f"7B-shaped, {a.e2e_blocks} blocks (random weights)"
+    return {"model": model, "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
             "repeats": a.e2e_repeats, "rows": rows}
 
 
@@ -348,6 +365,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7, help="least rounds of each per-layer timing")
     p.add_argument("--budget", type=float, default=3.0, help="seconds per per-layer timing group (1 token)")
     p.add_argument("--e2e-repeats", type=int, default=3)
+    p.add_argument("--e2e-model", choices=["smollm2", "7b"], default="smollm2",
+                   help="e2e on SmolLM2-135M or on a LLaMA-2-7B-shaped model cut to --e2e-blocks blocks")
+    p.add_argument("--e2e-blocks", type=int, default=4, help="blocks of the 7B-shaped model (fp32 must fit in RAM)")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--checkpoints", default=None, help="folder of real packed checkpoints named as in E2E_MODELS")
