@@ -161,6 +161,20 @@ def test_vq_and_act_order_layers_use_the_dense_path():
         assert rel(out["dense"], ref) < TOL
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_dense_path_runs_its_gemm_in_fp32_where_the_cpu_has_no_native_bf16(monkeypatch, native):
+    monkeypatch.setattr(bk, "has_native_bf16", lambda device: native)
+    seen = []
+    linear = bk.F.linear
+    monkeypatch.setattr(bk.F, "linear", lambda x, w, *a: seen.append((x.dtype, w.dtype)) or linear(x, w, *a))
+    layer = QuantLinear.from_result(synthetic(64, 512, 3, 128, rotation=True, lowrank=True))
+    x = torch.randn(200, 512).to(torch.bfloat16)  # above INT4_MAX_TOKENS: the dense path
+    out, ref = outputs(layer, x, choices=("int4pack+dense",))
+    want = torch.bfloat16 if native else torch.float32
+    assert seen[-2] == (want, want)  # the residual GEMM, before the low-rank one
+    assert out["int4pack+dense"].dtype == torch.bfloat16 and rel(out["int4pack+dense"], ref) < TOL
+
+
 def test_auto_switches_kernel_by_token_count(monkeypatch):
     layer = QuantLinear.from_result(synthetic(32, 256, 2, 64))
     calls = []
