@@ -11,8 +11,9 @@ backend         what a layer computes with
                 vectorised for bf16 activations) or ``aten._weight_int4pack_mm`` (CUDA, bf16, sm80+),
                 at every token count. Scalar residuals of 2, 3 and 4 bits with contiguous groups of
                 32, 64, 128 or 256 columns; other layers fall back to ``reference``.
-``dense``       dequantize the residual once per call into the compute dtype (bf16 by default) and
-                run one GEMM; VQ residuals decode per call from a flat bf16 codebook table
+``dense``       dequantize the residual once per call into the compute dtype (bf16 by default; fp32
+                on a CPU without native bf16, where bf16 GEMMs are emulated and 3.8x slower) and
+                run one GEMM; VQ residuals decode per call from a flat codebook table
                 (:class:`VQTable`: one gather) into the same GEMM.
 ``auto``        (default) per layer: ``int4pack`` where supported for calls of at most
                 :data:`INT4_MAX_TOKENS` tokens (decode), ``dense`` above that (prefill, where a bf16
