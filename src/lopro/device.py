@@ -1,6 +1,8 @@
 """Where work runs when the caller does not say: CUDA when there is one, else the CPU."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -34,6 +36,12 @@ def has_native_bf16(device: torch.device | str) -> bool:
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
+    return _cpu_has_bf16()
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_has_bf16() -> bool:
+    """Read once: asked for every packed layer at load."""
     try:
         with open("/proc/cpuinfo") as fh:
             flags = next((line for line in fh if line.startswith("flags")), "").split()
