@@ -380,7 +380,7 @@ def cmd_compare(a) -> dict:
     return {"out": a.out, "entries": len(results)}
 
 
-DEMO = ["--methods", "fp,gptq,lopro", "--bits", "3", "--nsamples", "16", "--seqlen", "256", "--windows", "16",
+DEMO = ["--methods", "fp,gptq,lopro", "--bits", "3", "--nsamples", "16", "--seqlen", "256", "--windows", "6",
         "--tasks", ""]
 FULL = ("lopro compare --methods fp,rtn,gptq,lqer,flrq,lopro,lopro-v --bits 2,3 --nsamples 128 --seqlen 512 "
         "--windows 0 --out compare-full")
@@ -392,7 +392,7 @@ def cmd_demo(_a) -> dict:
 
     a = build_parser().parse_args(["compare", *DEMO, "--out", str(cache_dir() / "demo")])
     log.warning("demo: LoPRo W3 g64 rank 16 vs GPTQ W3 g64 vs FP on smollm2-135m (16 x 256 calibration tokens, "
-                "16 x 512 evaluation tokens per corpus); results cached in %s", a.out)
+                "6 x 512 evaluation tokens per corpus); results cached in %s", a.out)
     out = cmd_compare(a)
     log.warning("the full-size comparison (every method, W2 and W3, 128 x 512 calibration, whole evaluation "
                 "splits): %s", FULL)
