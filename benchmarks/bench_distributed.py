@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_speed import cut_model  # noqa: E402  (SmolLM2 cut to N blocks, saved as a folder)
 
 
 def tensors_equal(a: Path, b: Path) -> dict:
@@ -35,19 +37,6 @@ def tensors_equal(a: Path, b: Path) -> dict:
             == hashlib.sha256((b / "model.safetensors").read_bytes()).digest(),
             "codes_identical": not any(k in differ for k in codes), "tensors_differing": differ[:20],
             "n_tensors_differing": len(differ)}
-
-
-def cut_model(work: Path, blocks: int) -> Path:
-    """SmolLM2's first `blocks` blocks saved as a folder (a quicker check of the same code)."""
-    from lopro.io.loading import load_model
-
-    model, tok, _ = load_model("smollm2-135m", device="cpu")
-    model.model.layers = model.model.layers[:blocks]
-    model.config.num_hidden_layers = blocks
-    folder = work / f"smollm2-{blocks}blocks"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def run(cmd: list[str], env: dict, out: Path) -> dict:

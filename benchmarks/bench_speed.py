@@ -51,9 +51,8 @@ RATIOS = [  # (numerator, denominator, the issue's limit)
 ]
 
 
-def prepare(work: Path, blocks: int, nsamples: int, seqlen: int, seed: int) -> tuple[Path, Path]:
-    """SmolLM2's first `blocks` blocks saved as an fp32 folder, and the calibration windows as a tensor."""
-    from lopro.data.windows import calibration_windows, tokenize_split
+def cut_model(work: Path, blocks: int) -> Path:
+    """SmolLM2's first `blocks` blocks saved as an fp32 folder (bench_distributed uses it too)."""
     from lopro.io.loading import load_model
 
     model, tok, _ = load_model("smollm2-135m", device="cpu")
@@ -62,6 +61,16 @@ def prepare(work: Path, blocks: int, nsamples: int, seqlen: int, seed: int) -> t
     folder = work / f"smollm2-{blocks}blocks"
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
+    return folder
+
+
+def prepare(work: Path, blocks: int, nsamples: int, seqlen: int, seed: int) -> tuple[Path, Path]:
+    """SmolLM2's first `blocks` blocks saved as an fp32 folder, and the calibration windows as a tensor."""
+    from lopro.data.windows import calibration_windows, tokenize_split
+    from lopro.io.loading import load_tokenizer
+
+    folder = cut_model(work, blocks)
+    tok, _ = load_tokenizer(str(folder))
     calib = calibration_windows(tokenize_split(tok, "wiki", "calib"), nsamples, seqlen, seed)
     torch.save(calib, work / "calib.pt")
     return folder, work / "calib.pt"
